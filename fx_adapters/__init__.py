@@ -1,0 +1,15 @@
+"""fx-adapters: parameter-efficient adapters compiled into torch.fx graphs.
+
+>>> import torch, fx_adapters as fxa
+>>> model = torch.nn.Sequential(torch.nn.Linear(4, 8)).eval()
+>>> am = fxa.compile_with_road(model, fxa.RoadConfig(group_size=4, target_modules="all-linear"))
+>>> [t.name for t in am.targets]
+['0']
+"""
+
+from .adapted import AdaptedModule, compile_with_road
+from .config import RoadConfig
+from .passes.capture import CaptureError
+from .passes.match import Target
+
+__all__ = ["AdaptedModule", "CaptureError", "RoadConfig", "Target", "compile_with_road"]

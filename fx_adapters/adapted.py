@@ -1,0 +1,283 @@
+"""``compile_with_road`` and the module it returns.
+
+>>> import torch, fx_adapters as fxa
+>>> from torch import nn
+>>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+>>> am = fxa.compile_with_road(model, fxa.RoadConfig(group_size=4, target_modules=["0"], init_weights=False))
+>>> am.add_adapter("b", fxa.RoadConfig(group_size=2, target_modules=["0", "2"], init_weights=False))
+>>> x = torch.randn(3, 4)
+>>> out = am(x, adapter_names=["default", "b", "__base__"])
+>>> torch.allclose(out[2], model(x[2:]), atol=1e-6)
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import ROAD_PARAMS, read_adapter_dir, split_road_key, write_adapter_dir
+from .config import RoadConfig
+from .passes import run_passes
+from .passes.capture import CapturedModel, capture
+from .passes.match import FindLinearLayers, Target, select_targets
+from .passes.rewrite import InsertRoadRotations, layer_key, road_layers
+from .runtime.road_layer import RoadLayer
+
+BASE = "__base__"
+
+
+class AdaptedModule(nn.Module):
+    """A captured model whose graph applies RoAd adapters; call it like the original model.
+
+    Extra call argument: ``adapter_names`` (one adapter name or ``"__base__"`` per sample) for mixed batches.
+    """
+
+    def __init__(self, captured: CapturedModel, layers: Sequence[Target], *, model_type: str | None = None,
+                 output_head: str | None = None, name_or_path: str | None = None):
+        super().__init__()
+        self.graph_module = captured.graph_module
+        self._captured = captured
+        self._layers = {t.name: t for t in layers}
+        self._model_type = model_type
+        self._output_head = output_head
+        self._name_or_path = name_or_path
+        self.peft_config: dict[str, RoadConfig] = {}
+        self._adapter_targets: dict[str, tuple[str, ...]] = {}
+        self._active: str | None = None
+        self._disabled = False
+        self._generation = 0
+        self._cache_key = None
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def adapters(self) -> dict[str, RoadConfig]:
+        """Adapter name → its config, in slot order."""
+        return dict(self.peft_config)
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self._active
+
+    @property
+    def targets(self) -> tuple[Target, ...]:
+        """The layers that carry at least one adapter, in graph order."""
+        used = {name for names in self._adapter_targets.values() for name in names}
+        return tuple(t for name, t in self._layers.items() if name in used)
+
+    def adapter_targets(self, adapter_name: str) -> tuple[Target, ...]:
+        """The layers one adapter rotates."""
+        self._check_known(adapter_name, "adapter_targets")
+        return tuple(self._layers[name] for name in self._adapter_targets[adapter_name])
+
+    def _road_layers(self) -> nn.ModuleDict:
+        return road_layers(self.graph_module)
+
+    def _select(self, adapter_name: str, config: RoadConfig) -> list[Target]:
+        if not isinstance(config, RoadConfig):
+            raise TypeError(f"adapter {adapter_name!r}: expected a fx_adapters.RoadConfig, got {type(config).__name__}")
+        targets = select_targets(list(self._layers.values()), config.target_modules, config.exclude_modules,
+                                 model_type=self._model_type, output_head=self._output_head).targets
+        bad = [t for t in targets if t.out_features % config.group_size]
+        if bad:
+            listed = ", ".join(f"{t.name!r} (out_features={t.out_features})" for t in bad[:3])
+            raise ValueError(
+                f"adapter {adapter_name!r}: group_size={config.group_size} does not divide the out_features of "
+                f"{listed}{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}; choose a group_size that divides "
+                "them or exclude those layers"
+            )
+        return targets
+
+    def add_adapter(self, adapter_name: str, config: RoadConfig) -> None:
+        """Add an adapter (not active, not trainable until ``set_adapter``), rewriting layers it newly targets."""
+        if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE or "." in adapter_name:
+            raise ValueError(f"invalid adapter name {adapter_name!r}: use a non-empty name without '.', not {BASE!r}")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
+        targets = self._select(adapter_name, config)
+        run_passes(self.graph_module, [InsertRoadRotations([(t, config.group_size) for t in targets])])
+        layers = self._road_layers()
+        device = next(self.graph_module.parameters()).device
+        for t in targets:
+            layers[layer_key(t.name)].add_adapter(adapter_name, config, torch.float32, device)
+        self.peft_config[adapter_name] = config
+        self._adapter_targets[adapter_name] = tuple(t.name for t in targets)
+        self._generation += 1
+        if self._active is None:
+            self.set_adapter(adapter_name)
+        else:
+            self._set_trainable()
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the active adapter; its parameters (only) become trainable, as in PEFT."""
+        self._check_known(adapter_name, "set_adapter")
+        self._active = adapter_name
+        self._set_trainable()
+        self._generation += 1
+
+    def _set_trainable(self) -> None:
+        for layer in self._road_layers().values():
+            for name in layer.road_theta:
+                layer.road_theta[name].requires_grad_(name == self._active)
+                layer.road_alpha[name].requires_grad_(name == self._active)
+
+    def _check_known(self, adapter_name: str, where: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"{where}: unknown adapter {adapter_name!r}; known adapters: {list(self.peft_config)}")
+
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Within the block the module computes the base model."""
+        previous, self._disabled = self._disabled, True
+        try:
+            yield
+        finally:
+            self._disabled = previous
+
+    # ------------------------------------------------------------------ forward
+    def _slots(self) -> dict[str, int]:
+        return {name: i + 1 for i, name in enumerate(self.peft_config)}
+
+    def _road_index(self, adapter_names, batch_size: int | None) -> torch.Tensor | None:
+        if adapter_names is None:
+            if self._disabled:
+                return None
+            return torch.tensor(self._slots()[self._active])
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+            raise TypeError(f"adapter_names must be a list with one adapter name per sample, got {adapter_names!r}")
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode; call .eval() first")
+        if batch_size is not None and len(adapter_names) != batch_size:
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch_size} samples")
+        slots = self._slots()
+        unknown = sorted({n for n in adapter_names if n != BASE and n not in slots})
+        if unknown:
+            raise ValueError(f"adapter_names: unknown adapter(s) {unknown}; known: {list(slots)} and {BASE!r}")
+        if self._disabled:
+            return None
+        return torch.tensor([0 if n == BASE else slots[n] for n in adapter_names])
+
+    def _refresh_tables(self) -> None:
+        """Recompute the column tables when the adapter parameters changed (every call while they train)."""
+        layers = list(self._road_layers().values())
+        params = [p for layer in layers for p in layer.parameters()]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            key = None
+        else:
+            key = (self._generation, tuple((p._version, p.data_ptr()) for p in params))
+            if key == self._cache_key:
+                return
+        slots = self._slots()
+        with contextlib.ExitStack() as stack:
+            if key is not None:
+                stack.enter_context(torch.inference_mode(False))
+                stack.enter_context(torch.no_grad())
+            for layer in layers:
+                layer.rebuild_tables(slots)
+        self._cache_key = key
+
+    def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
+        index = self._road_index(adapter_names, None if first is None else first.shape[0])
+        if index is not None:
+            self._refresh_tables()
+        return self._captured.call(self.graph_module, *args, extra=(index,), **kwargs)
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_adapter(self, path_or_state_dict: str | Path | Mapping[str, torch.Tensor], adapter_name: str = "default",
+                     config: RoadConfig | None = None) -> None:
+        """Load a PEFT RoAd adapter (a directory or its state dict) into ``adapter_name``.
+
+        A new name is created from the directory's ``adapter_config.json`` (or ``config``); an existing one
+        gets the checkpoint's values. Everything is checked before anything changes.
+        """
+        if isinstance(path_or_state_dict, Mapping):
+            state, source = dict(path_or_state_dict), "state dict"
+        else:
+            config_on_disk, state = read_adapter_dir(path_or_state_dict)
+            config, source = config or config_on_disk, str(path_or_state_dict)
+        if adapter_name in self.peft_config:
+            config = self.peft_config[adapter_name] if config is None else config
+            if config != self.peft_config[adapter_name]:
+                raise ValueError(f"load_adapter({source}): its config does not match existing adapter "
+                                 f"{adapter_name!r}; load it under a new name or delete {adapter_name!r} first")
+            targets = self.adapter_targets(adapter_name)
+        elif config is None:
+            raise ValueError(f"load_adapter({source}): adapter {adapter_name!r} does not exist; pass config= "
+                             "(a RoadConfig) to create it from a state dict")
+        else:
+            targets = self._select(adapter_name, config)
+        values = self._check_checkpoint(state, targets, config, source)
+        if adapter_name not in self.peft_config:
+            self.add_adapter(adapter_name, config)
+        layers = self._road_layers()
+        with torch.no_grad():
+            for (path, param), tensor in values.items():
+                getattr(layers[layer_key(path)], param)[adapter_name].copy_(tensor)
+        self._generation += 1
+
+    @staticmethod
+    def _check_checkpoint(state: Mapping[str, torch.Tensor], targets: Sequence[Target], config: RoadConfig,
+                          source: str) -> dict[tuple[str, str], torch.Tensor]:
+        from .runtime.rotation import param_size
+
+        expected = {(t.name, p): param_size(config.variant, t.out_features) for t in targets for p in ROAD_PARAMS}
+        values, unexpected = {}, []
+        for key, tensor in state.items():
+            try:
+                site = split_road_key(key)
+            except KeyError:
+                site = None
+            if site not in expected:
+                unexpected.append(key)
+                continue
+            if tuple(tensor.shape) != (expected[site],):
+                raise ValueError(
+                    f"load_adapter({source}): {key} has shape {tuple(tensor.shape)}, but layer {site[0]!r} needs "
+                    f"({expected[site]},) for variant={config.variant!r}; the checkpoint does not fit this model/config"
+                )
+            values[site] = tensor
+        missing = [f"{path}.{param}" for path, param in expected if (path, param) not in values]
+        if unexpected or missing:
+            raise ValueError(
+                f"load_adapter({source}): the checkpoint does not fit this model: "
+                f"{len(unexpected)} unexpected key(s) {unexpected[:3]}, {len(missing)} missing {missing[:3]}"
+            )
+        return values
+
+    def save_adapter(self, directory: str | Path, adapter_name: str | None = None) -> Path:
+        """Write ``adapter_name`` (default: the active one) as a PEFT adapter directory."""
+        adapter_name = adapter_name or self._active
+        self._check_known(adapter_name, "save_adapter")
+        config = self.peft_config[adapter_name]
+        names = self._adapter_targets[adapter_name]
+        exact = RoadConfig(variant=config.variant, group_size=config.group_size, init_weights=config.init_weights,
+                           target_modules=sorted(names))
+        layers = self._road_layers()
+        tensors = {(name, p): getattr(layers[layer_key(name)], p)[adapter_name] for name in names for p in ROAD_PARAMS}
+        return write_adapter_dir(directory, exact, tensors, self._name_or_path)
+
+
+def _output_head(model: nn.Module) -> str | None:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return next((name for name, m in model.named_modules() if m is head), None) if head is not None else None
+
+
+def compile_with_road(model: nn.Module, config: RoadConfig, example_inputs: tuple | None = None,
+                      example_kwargs: dict | None = None, adapter_name: str = "default") -> AdaptedModule:
+    """Capture ``model`` as a graph and add the RoAd adapter ``adapter_name``; ``model`` is not modified."""
+    if not isinstance(config, RoadConfig):
+        raise TypeError(f"compile_with_road: config must be a fx_adapters.RoadConfig, got {type(config).__name__}")
+    captured = capture(model, example_inputs=example_inputs, example_kwargs=example_kwargs)
+    finder = FindLinearLayers({name: type(m) for name, m in model.named_modules()})
+    finder(captured.graph_module)
+    model_config = getattr(model, "config", None)
+    am = AdaptedModule(captured, finder.layers, model_type=getattr(model_config, "model_type", None),
+                       output_head=_output_head(model), name_or_path=getattr(model_config, "_name_or_path", None))
+    am.add_adapter(adapter_name, config)
+    return am.train(model.training)

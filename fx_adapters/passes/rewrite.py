@@ -1,0 +1,102 @@
+"""Rewrite pass: insert a RoAd rotation after every call site of the targeted layers.
+
+For a target ``model.layers.0.self_attn.q_proj`` with group size 64 the graph gains::
+
+    table = get_attr[road_adapters.model__layers__0__self_attn__q_proj.table_g64]
+    rotated = call_function[road_rotate](linear, table, road_index, 64)
+
+and every former user of ``linear`` reads ``rotated``. ``road_index`` is one extra graph input shared by all
+rotations (a slot per sample, one slot for the batch, or None when adapters are disabled). The pass is
+idempotent: a (layer, group size) that already has its rotation is left alone.
+
+>>> import torch
+>>> from torch import nn
+>>> from fx_adapters.passes.match import find_linear_layers
+>>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 8)))
+>>> (target,) = find_linear_layers(gm, {"0": nn.Linear})
+>>> result = InsertRoadRotations([(target, 4)])(gm)
+>>> [n.name for n in result.graph_module.graph.nodes]
+['input_1', 'road_index', '_0', 'road_adapters_0_table_g4', 'road_rotate', 'output']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from ..runtime.road_layer import RoadLayer
+from ..runtime.rotation import road_rotate
+from .match import Target
+
+ADAPTERS_ATTR = "road_adapters"
+INDEX_INPUT = "road_index"
+
+
+def layer_key(path: str) -> str:
+    """Attribute-safe key of a module path inside ``road_adapters``."""
+    return path.replace(".", "__")
+
+
+def road_layers(gm: torch.fx.GraphModule) -> nn.ModuleDict:
+    """The ``road_adapters`` ModuleDict of a rewritten graph module (created empty if missing)."""
+    if not hasattr(gm, ADAPTERS_ATTR):
+        gm.add_module(ADAPTERS_ATTR, nn.ModuleDict())
+    return getattr(gm, ADAPTERS_ATTR)
+
+
+def index_input(graph: torch.fx.Graph) -> torch.fx.Node:
+    """The ``road_index`` placeholder, appended after the model's inputs (default None) if missing."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node in placeholders:
+        if node.target == INDEX_INPUT:
+            return node
+    with graph.inserting_after(placeholders[-1]):
+        return graph.placeholder(INDEX_INPUT, default_value=None)
+
+
+def _is_rotation_of(node: torch.fx.Node, target: str) -> bool:
+    return node.op == "call_function" and node.meta.get("fx_adapters", (None, None))[:2] == ("road", target)
+
+
+class InsertRoadRotations(PassBase):
+    """Ensure each ``(target, group_size)`` in ``sites`` has its rotation after every call site."""
+
+    def __init__(self, sites: Sequence[tuple[Target, int]]):
+        super().__init__()
+        self.sites = list(sites)
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        graph = graph_module.graph
+        layers = road_layers(graph_module)
+        index = index_input(graph)
+        nodes = {n.name: n for n in graph.nodes}
+        modified = False
+        for target, group_size in self.sites:
+            key = layer_key(target.name)
+            if key not in layers:
+                layers[key] = RoadLayer(target.out_features)
+            table_attr = f"{ADAPTERS_ATTR}.{key}.{layers[key].ensure_table(group_size)}"
+            for name in target.nodes:
+                end = nodes[name]
+                chain = []
+                while len(end.users) == 1 and _is_rotation_of(next(iter(end.users)), target.name):
+                    end = next(iter(end.users))
+                    chain.append(end.meta["fx_adapters"][2])
+                if group_size in chain:
+                    continue
+                with graph.inserting_after(end):
+                    table = graph.get_attr(table_attr)
+                with graph.inserting_after(table):
+                    rotated = graph.call_function(road_rotate, (end, table, index, group_size))
+                end.replace_all_uses_with(rotated, delete_user_cb=lambda user: user is not rotated)
+                for new in (table, rotated):
+                    new.meta["fx_adapters"] = ("road", target.name, group_size)
+                    if "nn_module_stack" in end.meta:
+                        new.meta["nn_module_stack"] = end.meta["nn_module_stack"]
+                    if "val" in end.meta and new is rotated:
+                        new.meta["val"] = end.meta["val"]
+                modified = True
+        return PassResult(graph_module, modified)

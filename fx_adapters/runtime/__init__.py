@@ -1,0 +1,1 @@
+"""The math and helpers that rewritten graphs call."""
