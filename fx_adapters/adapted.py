@@ -25,7 +25,7 @@ from .config import RoadConfig
 from .passes import run_passes
 from .passes.capture import CapturedModel, capture
 from .passes.match import FindLinearLayers, Target, select_targets
-from .passes.rewrite import InsertRoadRotations, layer_key, road_layers
+from .passes.rewrite import InsertRoadRotations, RemoveRoadRotations, layer_key, road_layers
 from .runtime.road_layer import RoadLayer
 
 BASE = "__base__"
@@ -125,6 +125,20 @@ class AdaptedModule(nn.Module):
                 layer.road_theta[name].requires_grad_(name == self._active)
                 layer.road_alpha[name].requires_grad_(name == self._active)
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete an adapter; rotations that no remaining adapter needs leave the graph."""
+        self._check_known(adapter_name, "delete_adapter")
+        layers = self._road_layers()
+        for name in self._adapter_targets.pop(adapter_name):
+            layers[layer_key(name)].remove_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        keep = {(name, cfg.group_size) for a, cfg in self.peft_config.items() for name in self._adapter_targets[a]}
+        run_passes(self.graph_module, [RemoveRoadRotations(keep)])
+        self._generation += 1
+        if self._active == adapter_name:
+            self._active = next(iter(self.peft_config), None)
+            self._set_trainable()
+
     def _check_known(self, adapter_name: str, where: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"{where}: unknown adapter {adapter_name!r}; known adapters: {list(self.peft_config)}")
@@ -144,7 +158,7 @@ class AdaptedModule(nn.Module):
 
     def _road_index(self, adapter_names, batch_size: int | None) -> torch.Tensor | None:
         if adapter_names is None:
-            if self._disabled:
+            if self._disabled or self._active is None:
                 return None
             return torch.tensor(self._slots()[self._active])
         if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):

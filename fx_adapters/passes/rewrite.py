@@ -100,3 +100,30 @@ class InsertRoadRotations(PassBase):
                         new.meta["val"] = end.meta["val"]
                 modified = True
         return PassResult(graph_module, modified)
+
+
+class RemoveRoadRotations(PassBase):
+    """Remove the rotations (and their tables) of every (layer, group size) not in ``keep``."""
+
+    def __init__(self, keep: set[tuple[str, int]]):
+        super().__init__()
+        self.keep = keep
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        graph = graph_module.graph
+        layers = road_layers(graph_module)
+        modified = False
+        for node in list(graph.nodes):
+            tag = node.meta.get("fx_adapters")
+            if node.op != "call_function" or not tag or tag[0] != "road" or tag[1:] in self.keep:
+                continue
+            source, table = node.args[0], node.args[1]
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
+            graph.erase_node(table)
+            layer = layers[layer_key(tag[1])]
+            delattr(layer, table.target.rpartition(".")[2])
+            if not any(k.startswith("table_g") for k in layer._buffers):
+                del layers[layer_key(tag[1])]
+            modified = True
+        return PassResult(graph_module, modified)

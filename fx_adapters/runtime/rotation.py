@@ -116,13 +116,15 @@ def road_rotate(y: torch.Tensor, table: torch.Tensor, index: torch.Tensor | None
 
     ``table`` is ``(slots, 2, out)``: one row of columns per adapter slot, slot 0 the identity.
     ``index`` is a 0-dim slot index (one adapter for the whole batch), a ``(batch,)`` tensor (one adapter
-    per sample: a single gather, no loop over adapters) or ``None`` (adapters disabled). ``y`` is the
+    per sample: a single gather, no loop over adapters; dim 0 of ``y`` is batch-major) or ``None``
+    (adapters disabled). ``y`` is the
     layer's fresh output; it is rotated in place when autograd does not need it.
     """
     if index is None:
         return y
     cols = table[index]
-    if index.dim() == 1:
-        cols = cols.view(cols.shape[0], *([1] * (y.dim() - 2)), *cols.shape[1:])
     x = y.to(table.dtype)  # adapters compute in their own dtype (fp32 on a bf16 model), as PEFT does
-    return rotate(x, cols, group_size, out=x).to(y.dtype)
+    if index.dim() == 1:  # one row per sample; layers that fold the batch into dim 0 (OPT's MLP) work too
+        x = x.reshape(index.shape[0], -1, x.shape[-1])
+        cols = cols.unsqueeze(1)
+    return rotate(x, cols, group_size, out=x).reshape(y.shape).to(y.dtype)

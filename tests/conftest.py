@@ -1,0 +1,122 @@
+"""Shared builders: tiny random models (no downloads), PEFT's test MLP, and oracle helpers."""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+
+import pytest
+import torch
+from hypothesis import settings
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+
+settings.register_profile("default", max_examples=15, deadline=None, derandomize=True, print_blob=True)
+settings.load_profile("default")
+
+VOCAB = 128
+
+
+class MLP(nn.Module):
+    """PEFT's test MLP (tests/test_custom_models.py)."""
+
+    def __init__(self, bias: bool = True):
+        super().__init__()
+        self.lin0 = nn.Linear(10, 20, bias=bias)
+        self.relu = nn.ReLU()
+        self.drop = nn.Dropout(0.5)
+        self.lin1 = nn.Linear(20, 2, bias=bias)
+        self.sm = nn.LogSoftmax(dim=-1)
+
+    def forward(self, X):
+        X = X.float()
+        X = self.lin0(X)
+        X = self.relu(X)
+        X = self.drop(X)
+        X = self.lin1(X)
+        return self.sm(X)
+
+
+def mlp_input() -> torch.Tensor:
+    return torch.arange(90).view(9, 10).float()
+
+
+def build_hf(arch: str, dtype=torch.float32):
+    """A tiny random transformers model in eval mode, seeded."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, pad_token_id=0)
+    if arch in ("llama", "mistral", "qwen2"):
+        cfg_cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[arch]
+        cfg = cfg_cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, **common)
+        model = {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM}[arch](cfg)
+    elif arch == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **common))
+    elif arch == "opt":
+        model = tf.OPTForCausalLM(tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                               max_position_embeddings=128, word_embed_proj_dim=64, **common))
+    else:
+        raise ValueError(arch)
+    return model.to(dtype).eval()
+
+
+def token_batch(batch: int, seq: int, seed: int = 0, left_pad: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    if left_pad:
+        mask[0, :left_pad] = 0
+    return ids, mask
+
+
+def peft_road(model: nn.Module, **config):
+    """PEFT's RoAd model on a copy of ``model`` (the oracle)."""
+    from peft import RoadConfig, get_peft_model
+
+    return get_peft_model(copy.deepcopy(model), RoadConfig(**config)).eval()
+
+
+@pytest.fixture(scope="session")
+def tmp_session(tmp_path_factory):
+    return tmp_path_factory.mktemp("fxa")
+
+
+def road_params_of(am, adapter_name):
+    """{module path: (theta, alpha)} of one of our adapters."""
+    from fx_adapters.passes.rewrite import layer_key
+
+    layers = am.graph_module.road_adapters
+    return {t.name: (layers[layer_key(t.name)].road_theta[adapter_name].detach(),
+                     layers[layer_key(t.name)].road_alpha[adapter_name].detach())
+            for t in am.adapter_targets(adapter_name)}
+
+
+def eager_road_forward(model, call, adapters, assignment):
+    """Oracle: run ``model`` eagerly one sample at a time with PEFT's ``_apply_road`` in forward hooks.
+
+    ``adapters``: name -> (RoadConfig, {path: (theta, alpha)}); ``assignment``: a name or "__base__" per
+    sample; ``call(model, i)`` runs the model on sample ``i`` and returns a tensor.
+    """
+    from peft.tuners.road.layer import _apply_road
+
+    modules = dict(model.named_modules())
+    outs = []
+    for i, name in enumerate(assignment):
+        handles = []
+        if name != "__base__":
+            cfg, params = adapters[name]
+            for path, (theta, alpha) in params.items():
+                def hook(_m, _inp, out, theta=theta, alpha=alpha, cfg=cfg):
+                    return _apply_road(cfg.variant, cfg.group_size, theta, alpha, out.float()).to(out.dtype)
+                handles.append(modules[path].register_forward_hook(hook))
+        try:
+            outs.append(call(model, i))
+        finally:
+            for h in handles:
+                h.remove()
+    return torch.cat(outs)
