@@ -90,8 +90,11 @@ class RoadConfig:
 
     def to_peft_dict(self, base_model_name_or_path: str | None = None) -> dict:
         """The ``adapter_config.json`` content that PEFT's ``PeftConfig.from_pretrained`` reads."""
+        fields = asdict(self)
+        if fields["exclude_modules"] is None:
+            del fields["exclude_modules"]  # PEFT's RoadConfig has no such field
         return {
-            **asdict(self),
+            **fields,
             "peft_type": "ROAD",
             "task_type": None,
             "base_model_name_or_path": base_model_name_or_path,
