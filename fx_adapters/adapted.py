@@ -69,6 +69,15 @@ class AdaptedModule(nn.Module):
         used = {name for names in self._adapter_targets.values() for name in names}
         return tuple(t for name, t in self._layers.items() if name in used)
 
+    @property
+    def linear_layers(self) -> tuple[Target, ...]:
+        """Every linear-like layer the match pass found, adapted or not, in graph order."""
+        return tuple(self._layers.values())
+
+    def match(self, config: RoadConfig) -> tuple[Target, ...]:
+        """The layers ``config`` would adapt on this model (raises as ``add_adapter`` would); changes nothing."""
+        return tuple(self._select("(match)", config))
+
     def adapter_targets(self, adapter_name: str) -> tuple[Target, ...]:
         """The layers one adapter rotates."""
         self._check_known(adapter_name, "adapter_targets")

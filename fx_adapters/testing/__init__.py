@@ -1,0 +1,190 @@
+"""Proof that a compiled graph computes what its reference computes, and where it stops doing so.
+
+``assert_equivalent(compiled, reference, inputs)`` runs both; when their outputs differ it records every
+module's output on both sides (a ``torch.fx.Interpreter`` on the compiled graph, forward hooks on an eager
+reference), aligns them by module path and names the first module, in execution order, whose output
+differs.
+
+>>> import torch, fx_adapters as fxa
+>>> from torch import nn
+>>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+>>> am = fxa.compile_with_road(model, fxa.RoadConfig(group_size=4, target_modules=["0"]))
+>>> assert_equivalent(am, model, (torch.randn(3, 4),))   # identity-initialised RoAd: the base model
+>>> with torch.no_grad():
+...     _ = am.graph_module.road_adapters["0"].road_alpha["default"].fill_(2.0)
+>>> assert_equivalent(am, model, (torch.randn(3, 4),))
+Traceback (most recent call last):
+...
+fx_adapters.testing.NotEquivalentError: first diverging module: '0' (nn.Linear) ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+__all__ = ["NotEquivalentError", "assert_equivalent", "module_outputs"]
+
+PEFT_PREFIX = "base_model.model."
+
+
+class NotEquivalentError(AssertionError):
+    """Outputs differ; the message names the first diverging module, its errors and the tolerance."""
+
+
+@dataclass
+class _Divergence:
+    module: str
+    kind: str
+    max_abs: float
+    max_rel: float
+
+
+def _call(module: nn.Module, inputs, kwargs: Mapping | None):
+    kwargs = dict(kwargs or {})
+    if isinstance(inputs, Mapping):
+        return module(**inputs, **kwargs)
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    return module(*inputs, **kwargs)
+
+
+def _tensors(output) -> list[torch.Tensor]:
+    return [leaf for leaf in pytree.tree_leaves(output.to_tuple() if hasattr(output, "to_tuple") else output)
+            if isinstance(leaf, torch.Tensor)]
+
+
+class _Recorder(torch.fx.Interpreter):
+    """Records each module's output: the last value computed inside it that is used outside it."""
+
+    def __init__(self, gm: torch.fx.GraphModule, into: dict[str, tuple[str, torch.Tensor]]):
+        super().__init__(gm)
+        self.into = into
+
+    def run_node(self, n: torch.fx.Node):
+        value = super().run_node(n)
+        inside = _paths(n)
+        if inside and isinstance(value, torch.Tensor):
+            outputs_of = [(p, cls) for p, cls in inside.items() if any(p not in _paths(u) for u in n.users)]
+            for path, cls in outputs_of:
+                self.into.pop(path, None)  # keep completion order: a module ends with its last output
+                self.into[path] = (cls, value.detach().clone())  # later nodes may rotate it in place
+        return value
+
+
+def _paths(node: torch.fx.Node) -> dict[str, str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    return {path: str(cls).rpartition(".")[2] for path, cls in stack.values() if path}
+
+
+def _graph_of(module: nn.Module) -> tuple[torch.fx.GraphModule, Callable] | None:
+    """The graph module behind ``module`` and a function that calls ``module`` with a replacement runner."""
+    captured = getattr(module, "_captured", None)
+    if captured is not None:  # an AdaptedModule (or any module built on a CapturedModel)
+        return module.graph_module, lambda runner, *a, **k: _swap_call(module, runner, a, k)
+    if isinstance(module, torch.fx.GraphModule):
+        return module, lambda runner, *a, **k: runner(*a, **k)
+    return None
+
+
+def _swap_call(module: nn.Module, runner: Callable, args: tuple, kwargs: dict):
+    """Call an AdaptedModule with ``runner`` standing in for its graph module (adapter logic unchanged)."""
+    original = module._captured.call
+
+    def call(_gm, *a, **k):
+        return original(runner, *a, **k)
+
+    module._captured.call = call
+    try:
+        return module(*args, **kwargs)
+    finally:
+        del module._captured.call
+
+
+def module_outputs(module: nn.Module, inputs, kwargs: Mapping | None = None) -> tuple[object, dict]:
+    """Run ``module``; return its output and ``{module path: (class name, output tensor)}`` in completion order.
+
+    Compiled modules are run by a ``torch.fx.Interpreter`` (bit-identical to calling them); eager ones
+    (including PEFT models, whose ``base_model.model.`` prefix is dropped) with temporary forward hooks.
+    """
+    record: dict[str, tuple[str, torch.Tensor]] = {}
+    graph = _graph_of(module)
+    with torch.no_grad():
+        if graph is not None:
+            gm, call_with = graph
+            recorder = _Recorder(gm, record)
+            args = (inputs,) if isinstance(inputs, torch.Tensor) else inputs
+            if isinstance(inputs, Mapping):
+                output = call_with(recorder.run, **inputs, **dict(kwargs or {}))
+            else:
+                output = call_with(recorder.run, *args, **dict(kwargs or {}))
+            return output, record
+        handles = []
+        for name, sub in module.named_modules():
+            path = name.removeprefix(PEFT_PREFIX)
+            if not path or path.startswith("base_model") or path.endswith(".base_layer"):
+                continue  # the root, PEFT's wrappers around the model, and the layer inside a PEFT layer
+
+            def hook(m, _inputs, out, path=path):
+                if isinstance(out, torch.Tensor):  # modules with several outputs are compared through their parts
+                    record.pop(path, None)
+                    record[path] = (type(m).__name__, out.detach().clone())
+
+            handles.append(sub.register_forward_hook(hook))
+        try:
+            output = _call(module, inputs, kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+    return output, record
+
+
+def _compare(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) -> tuple[bool, float, float]:
+    a, b = a.double(), b.double()
+    diff = (a - b).abs()
+    if not diff.numel():
+        return True, 0.0, 0.0
+    ok = bool((diff <= atol + rtol * b.abs()).all())
+    return ok, diff.max().item(), (diff / b.abs().clamp_min(1e-12)).max().item()
+
+
+def assert_equivalent(compiled: nn.Module, reference: nn.Module, inputs, *, atol: float = 1e-5, rtol: float = 0.0,
+                      compiled_kwargs: Mapping | None = None, reference_kwargs: Mapping | None = None) -> None:
+    """Raise ``NotEquivalentError`` naming the first diverging module when the outputs differ.
+
+    ``inputs`` is a tensor, a tuple of positional inputs or a dict of keyword inputs, given to both sides;
+    ``compiled_kwargs`` / ``reference_kwargs`` add side-specific ones (e.g. ``adapter_names``).
+    ``reference`` may be an eager model, a PEFT model or another compiled module.
+    """
+    with torch.no_grad():
+        got = _tensors(_call(compiled, inputs, compiled_kwargs))
+        want = _tensors(_call(reference, inputs, reference_kwargs))
+    if len(got) != len(want):
+        raise NotEquivalentError(f"outputs differ in structure: {len(got)} tensors vs {len(want)}")
+    failures = [(i, *_compare(g, w, atol, rtol)[1:]) for i, (g, w) in enumerate(zip(got, want))
+                if g.shape != w.shape or not _compare(g, w, atol, rtol)[0]]
+    if not failures:
+        return
+    divergence = _first_divergence(compiled, reference, inputs, compiled_kwargs, reference_kwargs, atol, rtol)
+    i, max_abs, max_rel = failures[0]
+    where = (f"first diverging module: {divergence.module!r} (nn.{divergence.kind}) max abs err "
+             f"{divergence.max_abs:.3g}, max rel err {divergence.max_rel:.3g}" if divergence else
+             "no module output differs (only the final outputs do)")
+    raise NotEquivalentError(f"{where}; output {i}: max abs err {max_abs:.3g}, max rel err {max_rel:.3g}; "
+                             f"tolerance atol={atol:g}, rtol={rtol:g}")
+
+
+def _first_divergence(compiled, reference, inputs, compiled_kwargs, reference_kwargs, atol, rtol):
+    _, ours = module_outputs(compiled, inputs, compiled_kwargs)
+    _, theirs = module_outputs(reference, inputs, reference_kwargs)
+    for path, (kind, want) in theirs.items():
+        if path not in ours or ours[path][1].shape != want.shape:
+            continue
+        ok, max_abs, max_rel = _compare(ours[path][1], want, atol, rtol)
+        if not ok:
+            return _Divergence(path, kind, max_abs, max_rel)
+    return None

@@ -1,0 +1,119 @@
+"""fx_adapters.testing: assert_equivalent localizes divergence; the strategies draw only valid, shrinkable cases."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import find, given, settings
+from hypothesis import strategies as st
+from peft import set_peft_model_state_dict
+
+import fx_adapters as fxa
+from conftest import VOCAB, build_hf, peft_road
+from fx_adapters.passes.rewrite import layer_key
+from fx_adapters.testing import NotEquivalentError, assert_equivalent
+from fx_adapters.testing.strategies import adapter_assignments, road_configs, road_state_dicts, token_batches
+
+_names = (f"t{i}" for i in itertools.count())
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model = build_hf("llama")
+    am = fxa.compile_with_road(model, fxa.RoadConfig(group_size=8, target_modules=["q_proj"]), adapter_name="seed")
+    return model, am.eval()
+
+
+def with_random_adapter(am, config, state):
+    name = next(_names)
+    am.add_adapter(name, config)
+    am.load_adapter(state, adapter_name=name)
+    am.set_adapter(name)
+    return name
+
+
+def peft_with(model, config, state):
+    peft_model = peft_road(model, variant=config.variant, group_size=config.group_size,
+                           target_modules=config.target_modules, init_weights=False)
+    set_peft_model_state_dict(peft_model, {k.replace("base_model.model.", "", 0): v for k, v in state.items()})
+    return peft_model
+
+
+@settings(max_examples=8)
+@given(data=st.data())
+def test_unbroken_graph_is_equivalent_to_peft(llama, data):
+    model, am = llama
+    config = data.draw(road_configs(am.linear_layers))
+    state = data.draw(road_state_dicts(am.match(config), config.variant))
+    name = with_random_adapter(am, config, state)
+    try:
+        assert_equivalent(am, peft_with(model, config, state), data.draw(token_batches(VOCAB)))
+    finally:
+        am.delete_adapter(name)
+
+
+@settings(max_examples=8)
+@given(data=st.data())
+def test_perturbed_rotation_is_named_as_the_first_diverging_layer(llama, data):
+    model, am = llama
+    config = data.draw(road_configs(am.linear_layers))
+    state = data.draw(road_state_dicts(am.match(config), config.variant))
+    name = with_random_adapter(am, config, state)
+    try:
+        broken = data.draw(st.sampled_from(sorted(config.target_modules)))
+        inputs = data.draw(token_batches(VOCAB, min_seq=2, padding=("none",)))  # one token: q does not matter
+        with torch.inference_mode():
+            am(**inputs)  # tables are built; now break one layer's columns behind the cache's back
+        table = getattr(am.graph_module.road_adapters[layer_key(broken)], f"table_g{config.group_size}")
+        table[:, 0] += 0.5
+        with pytest.raises(NotEquivalentError, match=f"first diverging module: '{broken}' "):
+            assert_equivalent(am, peft_with(model, config, state), inputs)
+    finally:
+        am.delete_adapter(name)
+
+
+def test_compiled_reference_is_compared_node_by_node(llama):
+    _, am = llama
+    ids = torch.randint(0, VOCAB, (2, 5))
+    assert_equivalent(am, am, {"input_ids": ids})
+
+
+def test_mixed_batch_kwargs_go_to_the_compiled_side_only(llama):
+    model, am = llama
+    ids = torch.randint(0, VOCAB, (2, 5))
+    assert_equivalent(am, model, {"input_ids": ids}, compiled_kwargs={"adapter_names": ["__base__"] * 2})
+
+
+@given(data=st.data())
+def test_drawn_configs_always_compile(llama, data):
+    _, am = llama
+    config = data.draw(road_configs(am.linear_layers, max_targets=8))
+    name = next(_names)
+    am.add_adapter(name, config)
+    am.delete_adapter(name)
+
+
+def test_configs_shrink_to_the_smallest_failing_case(llama):
+    _, am = llama
+    smallest = find(road_configs(am.linear_layers), lambda c: len(c.target_modules) >= 2)
+    assert len(smallest.target_modules) == 2 and smallest.group_size == 2 and smallest.variant == "road_1"
+
+
+def test_assignments_have_one_name_per_sample():
+    drawn = find(adapter_assignments(["a", "b"], 5), lambda names: "__base__" in names and "b" in names)
+    assert len(drawn) == 5 and set(drawn) <= {"a", "b", "__base__"}
+
+
+def test_token_batches_pad_on_the_drawn_side():
+    left = find(token_batches(VOCAB, padding=("left",)), lambda b: (b["attention_mask"] == 0).any())
+    mask = left["attention_mask"]
+    assert mask[:, -1].all() and (mask.cummax(dim=1).values == mask).all()
+
+
+def test_drawn_alphas_stay_away_from_zero(llama):
+    _, am = llama
+    state = find(road_state_dicts(am.linear_layers[:2], "road_2", min_abs_alpha=0.25), lambda s: True)
+    alphas = torch.cat([v for k, v in state.items() if k.endswith("road_alpha")])
+    assert alphas.abs().min() >= 0.25
