@@ -9,7 +9,11 @@
 
 from .adapted import AdaptedModule, compile_with_road
 from .config import RoadConfig
+from .export import export
+from .merge import unfold
 from .passes.capture import CaptureError
+from .passes.fold import NotInvertibleError, fold_weight, unfold_weight
 from .passes.match import Target
 
-__all__ = ["AdaptedModule", "CaptureError", "RoadConfig", "Target", "compile_with_road"]
+__all__ = ["AdaptedModule", "CaptureError", "NotInvertibleError", "RoadConfig", "Target", "compile_with_road", "export",
+           "fold_weight", "unfold", "unfold_weight"]

@@ -22,6 +22,7 @@ from torch import nn
 
 from .checkpoint import ROAD_PARAMS, read_adapter_dir, split_road_key, write_adapter_dir
 from .config import RoadConfig
+from .merge import MergeMixin
 from .passes import run_passes
 from .passes.capture import CapturedModel, capture
 from .passes.match import FindLinearLayers, Target, select_targets
@@ -31,7 +32,7 @@ from .runtime.road_layer import RoadLayer
 BASE = "__base__"
 
 
-class AdaptedModule(nn.Module):
+class AdaptedModule(MergeMixin, nn.Module):
     """A captured model whose graph applies RoAd adapters; call it like the original model.
 
     Extra call argument: ``adapter_names`` (one adapter name or ``"__base__"`` per sample) for mixed batches.
@@ -205,7 +206,8 @@ class AdaptedModule(nn.Module):
 
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
-        index = self._road_index(adapter_names, None if first is None else first.shape[0])
+        merged = self._merged_forward(adapter_names)
+        index = None if merged else self._road_index(adapter_names, None if first is None else first.shape[0])
         if index is not None:
             self._refresh_tables()
         return self._captured.call(self.graph_module, *args, extra=(index,), **kwargs)

@@ -1,0 +1,148 @@
+"""Merge adapters into an ``AdaptedModule``'s weights, fold one into a standalone GraphModule, and back.
+
+``merge``/``unmerge`` work in place with PEFT's semantics; ``fold`` returns a new ``torch.fx.GraphModule``
+with the base model's graph and folded weights; ``unfold`` recovers the base weights from a folded module.
+All of them rotate weight rows with the closed-form 2×2 blocks of ``passes/fold.py``.
+
+>>> import torch, fx_adapters as fxa
+>>> from torch import nn
+>>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+>>> am = fxa.compile_with_road(model, fxa.RoadConfig(group_size=4, target_modules=["0"], init_weights=False))
+>>> x = torch.randn(3, 4)
+>>> expected = am(x)
+>>> am.merge()
+>>> torch.allclose(am(x), expected, atol=1e-6)
+True
+>>> am.unmerge()
+>>> folded = am.fold()
+>>> torch.allclose(folded(x), expected, atol=1e-6)
+True
+>>> torch.allclose(fxa.unfold(folded, am)(x), model(x), atol=1e-6)
+True
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from .passes import run_passes
+from .passes.fold import Fold, PlainOutput, RotateWeights, StripRoad, copy_graph_module
+from .passes.rewrite import layer_key
+
+FOLDED_ADAPTER = "folded_adapter"  # key of ``GraphModule.meta`` recording which adapter ``fold`` folded
+
+
+class MergeMixin:
+    """``merge``, ``unmerge`` and ``fold`` of ``AdaptedModule``.
+
+    While adapters are merged, forward computes with the merged weights and no rotation (whatever adapter is
+    active); passing ``adapter_names`` or running under ``disable_adapters()`` raises until ``unmerge()``.
+    """
+
+    _merged: tuple[tuple[str, tuple[Fold, ...]], ...] = ()  # (adapter, the rotations merged), in merge order
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        """The adapters merged into the weights, in merge order."""
+        return [name for name, _ in self._merged]
+
+    @property
+    def merged(self) -> bool:
+        """Whether any adapter is merged into the weights."""
+        return bool(self._merged)
+
+    def _folds(self, adapter_name: str) -> tuple[Fold, ...]:
+        """The rotation of ``adapter_name`` on each of its layers (current parameters, no autograd)."""
+        group_size = self.peft_config[adapter_name].group_size
+        layers = self._road_layers()
+        with torch.no_grad():
+            return tuple(Fold(t, layers[layer_key(t.name)].columns(adapter_name), group_size, adapter_name)
+                         for t in self.adapter_targets(adapter_name))
+
+    def merge(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        """Merge adapters (default: the active one) into the weights, in the given order.
+
+        Adapters already merged are skipped with a warning, as in PEFT. The merged weights are new tensors
+        (the captured ones share storage with the caller's model and are never written). With
+        ``safe_merge=True`` a non-finite result raises ``ValueError`` and nothing changes.
+        """
+        if isinstance(adapter_names, str):
+            raise TypeError(f"merge: adapter_names should be a list of strings, got {adapter_names!r}")
+        if adapter_names is None:
+            adapter_names = [self._active] if self._active is not None else []
+        for name in adapter_names:
+            self._check_known(name, "merge")
+        todo = [name for name in dict.fromkeys(adapter_names) if name not in self.merged_adapters]
+        if self.merged:
+            warnings.warn(f"Already merged: {self.merged_adapters}. "
+                          + (f"Now additionally merging {todo}." if todo else "Nothing to do."), stacklevel=2)
+        merges = tuple((name, self._folds(name)) for name in todo)
+        RotateWeights([f for _, folds in merges for f in folds], safe_merge)(self.graph_module)
+        self._merged += merges
+
+    def unmerge(self) -> None:
+        """Undo every merge, last first, by the inverse of the rotations merged (their ``(2, out)`` columns are
+        kept from merge time: later changes to the adapter parameters do not matter).
+
+        Raises ``NotInvertibleError`` naming the layer (weights unchanged) when a merged rotation is singular.
+        """
+        if not self._merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        inverse = [fold.inverse() for _, folds in reversed(self._merged) for fold in reversed(folds)]
+        RotateWeights(inverse)(self.graph_module)
+        self._merged = ()
+
+    def fold(self, adapter_name: str | None = None) -> torch.fx.GraphModule:
+        """A standalone ``torch.fx.GraphModule`` computing the model with ``adapter_name`` (default: active) folded in.
+
+        It holds the base graph (no RoAd nodes, no fx_adapters code), new tensors for the folded weights and
+        biases, and shares every other tensor with this module. Call it with the model's tensor inputs, all
+        of them (no defaults), positionally (``inspect.signature(folded.forward)``) or by name, e.g.
+        ``folded(input_ids=ids, attention_mask=mask)``. It returns the model's output in built-in containers:
+        ``{"logits": ...}`` for a transformers ``ModelOutput``, a tensor for a module returning one (see
+        ``passes.fold.PlainOutput``).
+        """
+        adapter_name = adapter_name or self._active
+        self._check_known(adapter_name, "fold")
+        if self._merged:
+            raise ValueError(f"fold: adapters {self.merged_adapters} are merged into this module's weights; call "
+                             "unmerge() first (fold starts from the base weights)")
+        folded = copy_graph_module(self.graph_module)
+        RotateWeights(self._folds(adapter_name))(folded)
+        run_passes(folded, [StripRoad(), PlainOutput(self._captured.out_spec)])
+        folded.meta[FOLDED_ADAPTER] = adapter_name
+        return folded
+
+    def _merged_forward(self, adapter_names) -> bool:
+        """Whether forward runs on merged weights (then without rotations); raises what PEFT raises."""
+        if not self._merged:
+            return False
+        if adapter_names is not None:
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call `unmerge()` "
+                             "first.")
+        if self._disabled:
+            raise ValueError(f"disable_adapters(): adapters {self.merged_adapters} are merged into the weights; call "
+                             "unmerge() first")
+        return True
+
+
+def unfold(folded: torch.fx.GraphModule, am: MergeMixin, adapter_name: str | None = None) -> torch.fx.GraphModule:
+    """The base model back from ``folded = am.fold(adapter_name)``: a copy whose folded weights are recovered
+    with the inverse rotation of ``am``'s parameters for that adapter; every other tensor is shared.
+
+    ``adapter_name`` defaults to the one ``fold`` recorded, else ``am``'s active adapter. Raises
+    ``NotInvertibleError`` naming the layer when the rotation is singular; ``folded`` is never modified.
+    """
+    recorded = folded.meta.get(FOLDED_ADAPTER)
+    adapter_name = adapter_name or recorded or am.active_adapter
+    if recorded is not None and recorded != adapter_name:
+        raise ValueError(f"unfold: this module was folded with adapter {recorded!r}, not {adapter_name!r}; "
+                         f"unfolding it with another adapter would give wrong weights")
+    am._check_known(adapter_name, "unfold")
+    base = copy_graph_module(folded)
+    RotateWeights([fold.inverse() for fold in am._folds(adapter_name)])(base)
+    return base

@@ -1,0 +1,274 @@
+"""Fold pass: RoAd rotations folded into the weights of the layers they follow, and unfolded back.
+
+``R·(W·x + b) = (R·W)·x + R·b``: a layer followed by its rotation equals the same layer with rotated weight
+rows and bias. ``R`` is block-diagonal in 2×2 blocks (``runtime/rotation.py``), so folding applies ``rotate``
+to the weight's output axis and unfolding applies the columns of ``invert``: closed-form 2×2 products and
+inverses, no dense out×out matrix, no ``linalg.inv``, and no memory beyond the new weight except the
+``(2, out)`` columns (fp16/bf16 weights are rotated in fp32 chunk by chunk and stored in their own dtype).
+
+>>> import torch
+>>> from fx_adapters.runtime.rotation import road_columns
+>>> layer = torch.nn.Linear(4, 8)
+>>> cols = road_columns("road_1", 4, torch.full((4,), 0.3), torch.full((4,), 1.2))
+>>> weight, bias = fold_weight(layer.weight, layer.bias, cols, 4)
+>>> x = torch.randn(2, 4)
+>>> torch.allclose(torch.nn.functional.linear(x, weight, bias), rotate(layer(x), cols, 4), atol=1e-6)
+True
+>>> torch.allclose(unfold_weight(weight, bias, cols, 4)[0], layer.weight, atol=1e-6)
+True
+
+Passes (each in place on the graph module it is given; see ``copy_graph_module`` for a copy to run them on):
+``StripRoad`` removes every RoAd node, ``RotateWeights`` replaces weights by rotated copies, ``PlainOutput``
+makes the graph return built-in containers.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from ..runtime.rotation import determinants, invert, rotate
+from .capture import _Constant, _mark_non_persistent_buffers
+from .match import Target
+from .rewrite import ADAPTERS_ATTR, INDEX_INPUT
+
+WEIGHT_KINDS = ("linear", "conv1d")
+_CHUNK_ELEMENTS = 1 << 22  # fp32 scratch per chunk when a fp16/bf16 weight is rotated in fp32
+
+
+class NotInvertibleError(ValueError):
+    """A rotation has a singular 2×2 block (e.g. α = 0): what it was folded into cannot be recovered."""
+
+
+# ------------------------------------------------------------------------------------ weight level
+
+
+def _output_axis_last(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """A view of ``weight`` with the output axis last (a Linear's weight is [out, in], a Conv1D's [in, out])."""
+    if kind == "linear":
+        return weight.t()
+    if kind == "conv1d":
+        return weight
+    if kind in ("bnb8", "bnb4"):
+        raise NotImplementedError(f"folding into bitsandbytes {kind} weights is not supported; use the adapter "
+                                  "unmerged, or fold it on a model that is not quantized")
+    raise ValueError(f"unknown layer kind {kind!r}; expected one of {WEIGHT_KINDS}")
+
+
+def _rotate_into(y: torch.Tensor, cols: torch.Tensor, group_size: int, out: torch.Tensor) -> None:
+    """``out[...] = rotate(y)`` along the last dim, computed in ``cols``' dtype, stored in ``out``'s."""
+    if y.dtype == cols.dtype:
+        rotate(y, cols, group_size, out=out)
+        return
+    y, out = torch.atleast_2d(y), torch.atleast_2d(out)
+    rows = max(1, _CHUNK_ELEMENTS // y.shape[-1])
+    for start in range(0, y.shape[0], rows):
+        out[start:start + rows] = rotate(y[start:start + rows].to(cols.dtype), cols, group_size)
+
+
+def fold_weight(weight: torch.Tensor, bias: torch.Tensor | None, cols: torch.Tensor, group_size: int,
+                kind: str = "linear") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """New ``(R·W, R·b)`` for a layer's weight and bias (``bias`` may be None); the inputs are not modified.
+
+    ``cols`` are the ``(2, out)`` columns of ``R`` (``road_columns``); ``kind`` is ``"linear"`` (weight
+    [out, in]) or ``"conv1d"`` (transformers' Conv1D, weight [in, out]). Computes in fp32 (fp64 for fp64
+    weights) and returns tensors of the weight's dtype, without autograd history.
+    """
+    compute = torch.promote_types(weight.dtype, torch.float32)
+    cols = cols.detach().to(device=weight.device, dtype=compute)
+    with torch.no_grad():
+        new_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        _rotate_into(_output_axis_last(weight, kind), cols, group_size, _output_axis_last(new_weight, kind))
+        new_bias = None
+        if bias is not None:
+            new_bias = torch.empty_like(bias, memory_format=torch.contiguous_format)
+            _rotate_into(bias, cols, group_size, new_bias)
+    return new_weight, new_bias
+
+
+def inverse_columns(cols: torch.Tensor, group_size: int, where: str = "this layer") -> torch.Tensor:
+    """Columns of ``R⁻¹``; raises ``NotInvertibleError`` naming ``where`` when a 2×2 block is singular."""
+    cols = cols.detach()
+    inverse = invert(cols, group_size)
+    singular = (determinants(cols, group_size) == 0) | ~torch.isfinite(inverse).all(0)
+    if singular.any():
+        raise NotInvertibleError(
+            f"{where}: the rotation is not invertible ({int(singular.sum()) // 2} of {cols.shape[-1] // 2} 2×2 "
+            "blocks are singular, e.g. α = 0), so the weights it was folded into cannot be recovered"
+        )
+    return inverse
+
+
+def unfold_weight(weight: torch.Tensor, bias: torch.Tensor | None, cols: torch.Tensor, group_size: int,
+                  kind: str = "linear") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """New ``(R⁻¹·W, R⁻¹·b)``: undoes ``fold_weight`` with the same ``cols``; raises ``NotInvertibleError``."""
+    return fold_weight(weight, bias, inverse_columns(cols, group_size), group_size, kind)
+
+
+# ----------------------------------------------------------------------------------- graph modules
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One rotation to fold into ``target``'s weights; ``adapter`` names it in error messages."""
+
+    target: Target
+    cols: torch.Tensor
+    group_size: int
+    adapter: str
+
+    def inverse(self) -> Fold:
+        """The fold that undoes this one; raises ``NotInvertibleError`` naming the layer and adapter."""
+        where = f"adapter {self.adapter!r} on layer {self.target.name!r}"
+        return Fold(self.target, inverse_columns(self.cols, self.group_size, where), self.group_size, self.adapter)
+
+
+def _own_copy(module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` and of its submodules: same tensors, own containers (params, hooks, …)."""
+    clone = type(module).__new__(type(module))
+    clone.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set, list)) else v
+                           for k, v in module.__dict__.items()})
+    for name, child in clone._modules.items():
+        if child is not None:
+            clone._modules[name] = _own_copy(child)
+    return clone
+
+
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A GraphModule with a copy of ``gm``'s graph and its own modules, sharing every tensor with ``gm``.
+
+    Passes can then change the copy's graph and assign its attributes without touching ``gm``.
+    """
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    new = torch.fx.GraphModule(gm, graph, type(gm).__name__)
+    for name, child in new._modules.items():
+        new._modules[name] = _own_copy(child)
+    _mark_non_persistent_buffers(new, gm)
+    return new.train(gm.training)
+
+
+def _tensor(gm: nn.Module, fqn: str, layer: str) -> torch.Tensor:
+    prefix, _, leaf = fqn.rpartition(".")
+    try:
+        value = getattr(gm.get_submodule(prefix), leaf)
+    except AttributeError:
+        value = None
+    if not isinstance(value, torch.Tensor):
+        raise AttributeError(f"layer {layer!r}: the graph module has no tensor {fqn!r}; was it captured from "
+                             "the same model as the adapter?")
+    return value
+
+
+def _assign(gm: nn.Module, fqn: str, value: torch.Tensor) -> None:
+    """Replace the parameter or buffer at ``fqn`` by ``value`` (a parameter stays a parameter)."""
+    prefix, _, leaf = fqn.rpartition(".")
+    module = gm.get_submodule(prefix)
+    old = getattr(module, leaf)
+    if isinstance(old, nn.Parameter):
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
+    else:
+        module._buffers[leaf] = value
+
+
+class RotateWeights(PassBase):
+    """Replace the weight and bias of each fold's layer by rotated copies, folds applied in order.
+
+    The tensors in the graph module are never written (they may share storage with the caller's model).
+    Every new tensor is computed, and checked finite when ``check_finite``, before any is assigned: on an
+    error the graph module is unchanged. The graph itself is not changed: call it directly rather than
+    through ``run_passes`` (whose PassManager re-raises every error as a bare ``Exception``).
+    """
+
+    def __init__(self, folds: Sequence[Fold], check_finite: bool = False):
+        super().__init__()
+        self.folds = list(folds)
+        self.check_finite = check_finite
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        for fold in self.folds:
+            if fold.target.kind not in WEIGHT_KINDS:
+                raise NotImplementedError(
+                    f"layer {fold.target.name!r} is a {fold.target.kind} layer: merging or folding adapter "
+                    f"{fold.adapter!r} into its weights is not supported; use the adapter unmerged"
+                )
+        new: dict[str, torch.Tensor] = {}
+        for fold in self.folds:
+            name = fold.target.name
+            keys = (f"{name}.weight", f"{name}.bias" if fold.target.has_bias else None)
+            weight, bias = (None if key is None else new.get(key, _tensor(graph_module, key, name)) for key in keys)
+            weight, bias = fold_weight(weight, bias, fold.cols, fold.group_size, fold.target.kind)
+            if self.check_finite and not all(t is None or torch.isfinite(t).all() for t in (weight, bias)):
+                raise ValueError(f"safe_merge: adapter {fold.adapter!r} gives non-finite (NaN/inf) weights on layer "
+                                 f"{name!r}; nothing was merged. The adapter seems broken: check its parameters")
+            new.update((key, t) for key, t in zip(keys, (weight, bias)) if key is not None)
+        for key, value in new.items():
+            _assign(graph_module, key, value)
+        return PassResult(graph_module, bool(new))
+
+
+class StripRoad(PassBase):
+    """Remove every RoAd rotation, its table, the ``road_index`` input and the ``road_adapters`` submodule."""
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        graph = graph_module.graph
+        modified = False
+        for node in list(graph.nodes):
+            if node.meta.get("fx_adapters", ("",))[0] == "road" and node.op == "call_function":
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
+                modified = True
+        for node in list(graph.nodes):
+            is_table = node.op == "get_attr" and node.target.startswith(ADAPTERS_ATTR + ".")
+            if is_table or (node.op == "placeholder" and node.target == INDEX_INPUT):
+                graph.erase_node(node)
+                modified = True
+        left = [n.name for n in graph.nodes if "fx_adapters" in n.meta]
+        if left:
+            raise NotImplementedError(f"fold: the graph has adapter nodes that cannot be folded: {left[:5]}")
+        graph_module.delete_all_unused_submodules()
+        return PassResult(graph_module, modified)
+
+
+class PlainOutput(PassBase):
+    """Make a graph that returns the flat leaves of ``out_spec`` return them in built-in containers.
+
+    ``torch.export.load`` cannot rebuild a transformers ``ModelOutput``, so: mappings (a ``ModelOutput``, a
+    dict: any container whose pytree context is its keys) become dicts, e.g. ``{"logits": ...}``; lists stay
+    lists; other containers (tuples, namedtuples, …) become tuples; constants baked into the spec (e.g. None)
+    are returned as they are. Dicts and lists are built by graph nodes so that the module, its pickle and
+    its ``torch.export`` all return a real ``dict``/``list`` (a literal dict in the output node comes back
+    from ``torch.export`` as torch.fx's ``immutable_dict``).
+    """
+
+    def __init__(self, out_spec: pytree.TreeSpec):
+        super().__init__()
+        self.out_spec = out_spec
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        graph = graph_module.graph
+        output = graph.output_node()
+        leaves = iter(output.args[0])
+
+        def build(spec: pytree.TreeSpec):
+            if spec.is_leaf():
+                return next(leaves)
+            if spec.type is _Constant:
+                return spec.context
+            if spec.type is type(None):
+                return None
+            children = tuple(build(child) for child in spec.children())
+            keys = spec.context
+            if isinstance(keys, Sequence) and len(keys) == len(children) and all(isinstance(k, str) for k in keys):
+                return graph.call_function(dict, (tuple(zip(keys, children)),))
+            return graph.call_function(list, (children,)) if spec.type is list else children
+
+        with graph.inserting_before(output):
+            output.args = (build(self.out_spec),)
+        return PassResult(graph_module, True)
