@@ -37,7 +37,7 @@ def with_random_adapter(am, config, state):
 def peft_with(model, config, state):
     peft_model = peft_road(model, variant=config.variant, group_size=config.group_size,
                            target_modules=config.target_modules, init_weights=False)
-    set_peft_model_state_dict(peft_model, {k.replace("base_model.model.", "", 0): v for k, v in state.items()})
+    set_peft_model_state_dict(peft_model, state)
     return peft_model
 
 
