@@ -49,7 +49,7 @@ class AdaptedModule(MergeMixin, nn.Module):
         self._name_or_path = name_or_path
         self.peft_config: dict[str, RoadConfig] = {}
         self._adapter_targets: dict[str, tuple[str, ...]] = {}
-        self._active: str | None = None
+        self._active: list[str] = []
         self._disabled = False
         self._generation = 0
         self._cache_key = None
@@ -61,8 +61,16 @@ class AdaptedModule(MergeMixin, nn.Module):
         return dict(self.peft_config)
 
     @property
-    def active_adapter(self) -> str | None:
-        return self._active
+    def active_adapter(self) -> str | list[str] | None:
+        """The active adapter's name (a list when several are active, None when there is none), as PEFT."""
+        if len(self._active) > 1:
+            return list(self._active)
+        return self._active[0] if self._active else None
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The active adapters, in the order they are applied on each layer."""
+        return list(self._active)
 
     @property
     def targets(self) -> tuple[Target, ...]:
@@ -117,23 +125,50 @@ class AdaptedModule(MergeMixin, nn.Module):
         self.peft_config[adapter_name] = config
         self._adapter_targets[adapter_name] = tuple(t.name for t in targets)
         self._generation += 1
-        if self._active is None:
+        if not self._active:
             self.set_adapter(adapter_name)
         else:
             self._set_trainable()
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the active adapter; its parameters (only) become trainable, as in PEFT."""
-        self._check_known(adapter_name, "set_adapter")
-        self._active = adapter_name
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Activate one adapter, or several applied in the given order on each layer (R_last ··· R_first).
+
+        The active adapters' parameters (only) become trainable, as in PEFT.
+        """
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"set_adapter: expected an adapter name or a list of distinct names, got {adapter_name!r}")
+        for name in names:
+            self._check_known(name, "set_adapter")
+        self._check_composable(names)
+        self._active = names
         self._set_trainable()
         self._generation += 1
+
+    def _check_composable(self, names: Sequence[str]) -> None:
+        """Several active adapters of different group sizes on one layer must follow its rotation nodes' order."""
+        if len(names) < 2:
+            return
+        order = {}  # layer -> group sizes in graph order
+        for node in self.graph_module.graph.nodes:
+            tag = node.meta.get("fx_adapters")
+            if node.op == "call_function" and tag and tag[0] == "road" and tag[2] not in order.setdefault(tag[1], []):
+                order[tag[1]].append(tag[2])
+        for layer, sizes in order.items():
+            wanted = [self.peft_config[n].group_size for n in names if layer in self._adapter_targets[n]]
+            blocks = [g for i, g in enumerate(wanted) if i == 0 or wanted[i - 1] != g]
+            if len(blocks) != len(set(blocks)) or blocks != [g for g in sizes if g in blocks]:
+                raise NotImplementedError(
+                    f"set_adapter({list(names)}): on layer {layer!r} these adapters use group sizes {wanted} in an "
+                    f"order the graph cannot apply (its rotations run as group sizes {sizes}); activate them in "
+                    "that order or give them the same group_size"
+                )
 
     def _set_trainable(self) -> None:
         for layer in self._road_layers().values():
             for name in layer.road_theta:
-                layer.road_theta[name].requires_grad_(name == self._active)
-                layer.road_alpha[name].requires_grad_(name == self._active)
+                layer.road_theta[name].requires_grad_(name in self._active)
+                layer.road_alpha[name].requires_grad_(name in self._active)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Delete an adapter; rotations that no remaining adapter needs leave the graph."""
@@ -145,9 +180,16 @@ class AdaptedModule(MergeMixin, nn.Module):
         keep = {(name, cfg.group_size) for a, cfg in self.peft_config.items() for name in self._adapter_targets[a]}
         run_passes(self.graph_module, [RemoveRoadRotations(keep)])
         self._generation += 1
-        if self._active == adapter_name:
-            self._active = next(iter(self.peft_config), None)
+        if adapter_name in self._active:
+            self._active.remove(adapter_name)
+            if not self._active and self.peft_config:
+                self._active = [next(iter(self.peft_config))]
             self._set_trainable()
+
+    def _single_active(self, where: str) -> str:
+        if len(self._active) != 1:
+            raise ValueError(f"{where}: {len(self._active)} adapters are active ({self._active}); name one")
+        return self._active[0]
 
     def _check_known(self, adapter_name: str, where: str) -> None:
         if adapter_name not in self.peft_config:
@@ -168,9 +210,10 @@ class AdaptedModule(MergeMixin, nn.Module):
 
     def _road_index(self, adapter_names, batch_size: int | None) -> torch.Tensor | None:
         if adapter_names is None:
-            if self._disabled or self._active is None:
+            if self._disabled or not self._active:
                 return None
-            return torch.tensor(self._slots()[self._active])
+            slots = self._slots()
+            return torch.tensor(slots[self._active[0]] if len(self._active) == 1 else len(slots) + 1)
         if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
             raise TypeError(f"adapter_names must be a list with one adapter name per sample, got {adapter_names!r}")
         if self.training:
@@ -201,7 +244,7 @@ class AdaptedModule(MergeMixin, nn.Module):
                 stack.enter_context(torch.inference_mode(False))
                 stack.enter_context(torch.no_grad())
             for layer in layers:
-                layer.rebuild_tables(slots)
+                layer.rebuild_tables(slots, self._active if len(self._active) > 1 else ())
         self._cache_key = key
 
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
@@ -276,7 +319,7 @@ class AdaptedModule(MergeMixin, nn.Module):
 
     def save_adapter(self, directory: str | Path, adapter_name: str | None = None) -> Path:
         """Write ``adapter_name`` (default: the active one) as a PEFT adapter directory."""
-        adapter_name = adapter_name or self._active
+        adapter_name = adapter_name or self._single_active("save_adapter")
         self._check_known(adapter_name, "save_adapter")
         config = self.peft_config[adapter_name]
         names = self._adapter_targets[adapter_name]

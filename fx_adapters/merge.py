@@ -72,7 +72,7 @@ class MergeMixin:
         if isinstance(adapter_names, str):
             raise TypeError(f"merge: adapter_names should be a list of strings, got {adapter_names!r}")
         if adapter_names is None:
-            adapter_names = [self._active] if self._active is not None else []
+            adapter_names = list(self._active)
         for name in adapter_names:
             self._check_known(name, "merge")
         todo = [name for name in dict.fromkeys(adapter_names) if name not in self.merged_adapters]
@@ -96,26 +96,35 @@ class MergeMixin:
         RotateWeights(inverse)(self.graph_module)
         self._merged = ()
 
-    def fold(self, adapter_name: str | None = None) -> torch.fx.GraphModule:
-        """A standalone ``torch.fx.GraphModule`` computing the model with ``adapter_name`` (default: active) folded in.
+    def fold(self, adapter_name: str | Sequence[str] | None = None) -> torch.fx.GraphModule:
+        """A standalone ``torch.fx.GraphModule`` computing the model with adapters folded in.
 
-        It holds the base graph (no RoAd nodes, no fx_adapters code), new tensors for the folded weights and
+        ``adapter_name`` is a name or a list composed in order (default: the active adapters). The module
+        holds the base graph (no RoAd nodes, no fx_adapters code), new tensors for the folded weights and
         biases, and shares every other tensor with this module. Call it with the model's tensor inputs, all
         of them (no defaults), positionally (``inspect.signature(folded.forward)``) or by name, e.g.
         ``folded(input_ids=ids, attention_mask=mask)``. It returns the model's output in built-in containers:
         ``{"logits": ...}`` for a transformers ``ModelOutput``, a tensor for a module returning one (see
         ``passes.fold.PlainOutput``).
         """
-        adapter_name = adapter_name or self._active
-        self._check_known(adapter_name, "fold")
+        names = self._adapter_list(adapter_name, "fold")
         if self._merged:
             raise ValueError(f"fold: adapters {self.merged_adapters} are merged into this module's weights; call "
                              "unmerge() first (fold starts from the base weights)")
         folded = copy_graph_module(self.graph_module)
-        RotateWeights(self._folds(adapter_name))(folded)
+        RotateWeights([f for name in names for f in self._folds(name)])(folded)
         run_passes(folded, [StripRoad(), PlainOutput(self._captured.out_spec)])
-        folded.meta[FOLDED_ADAPTER] = adapter_name
+        folded.meta[FOLDED_ADAPTER] = names
         return folded
+
+    def _adapter_list(self, adapter_name: str | Sequence[str] | None, where: str) -> list[str]:
+        names = list(self._active) if adapter_name is None else (
+            [adapter_name] if isinstance(adapter_name, str) else list(adapter_name))
+        if not names:
+            raise ValueError(f"{where}: no adapter is active; name one")
+        for name in names:
+            self._check_known(name, where)
+        return names
 
     def _merged_forward(self, adapter_names) -> bool:
         """Whether forward runs on merged weights (then without rotations); raises what PEFT raises."""
@@ -130,19 +139,20 @@ class MergeMixin:
         return True
 
 
-def unfold(folded: torch.fx.GraphModule, am: MergeMixin, adapter_name: str | None = None) -> torch.fx.GraphModule:
+def unfold(folded: torch.fx.GraphModule, am: MergeMixin, adapter_name: str | Sequence[str] | None = None
+           ) -> torch.fx.GraphModule:
     """The base model back from ``folded = am.fold(adapter_name)``: a copy whose folded weights are recovered
-    with the inverse rotation of ``am``'s parameters for that adapter; every other tensor is shared.
+    with the inverse rotations of ``am``'s parameters for those adapters (last first); every other tensor is
+    shared.
 
-    ``adapter_name`` defaults to the one ``fold`` recorded, else ``am``'s active adapter. Raises
-    ``NotInvertibleError`` naming the layer when the rotation is singular; ``folded`` is never modified.
+    ``adapter_name`` (a name or a list) defaults to what ``fold`` recorded, else ``am``'s active adapters.
+    Raises ``NotInvertibleError`` naming the layer when a rotation is singular; ``folded`` is never modified.
     """
     recorded = folded.meta.get(FOLDED_ADAPTER)
-    adapter_name = adapter_name or recorded or am.active_adapter
-    if recorded is not None and recorded != adapter_name:
-        raise ValueError(f"unfold: this module was folded with adapter {recorded!r}, not {adapter_name!r}; "
-                         f"unfolding it with another adapter would give wrong weights")
-    am._check_known(adapter_name, "unfold")
+    names = am._adapter_list(adapter_name if adapter_name is not None else recorded, "unfold")
+    if recorded is not None and list(recorded) != names:
+        raise ValueError(f"unfold: this module was folded with adapters {list(recorded)}, not {names}; "
+                         f"unfolding it with others would give wrong weights")
     base = copy_graph_module(folded)
-    RotateWeights([fold.inverse() for fold in am._folds(adapter_name)])(base)
+    RotateWeights([fold.inverse() for name in reversed(names) for fold in reversed(am._folds(name))])(base)
     return base

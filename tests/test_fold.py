@@ -366,7 +366,7 @@ def test_unfold_with_another_adapter_than_folded_is_refused(adapted):
     _, am = adapted("mlp")
     with adapter(am, "road_1", 2, ["lin0"]):
         folded = am.fold("x")
-        with pytest.raises(ValueError, match="folded with adapter 'x', not 'init'"):
+        with pytest.raises(ValueError, match=r"folded with adapters \['x'\], not \['init'\]"):
             fxa.unfold(folded, am, "init")
 
 

@@ -14,12 +14,12 @@ torch.Size([2, 2, 8])
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .rotation import identity_columns, param_size, road_columns
+from .rotation import compose, identity_columns, param_size, road_columns
 
 
 def table_name(group_size: int) -> str:
@@ -65,14 +65,25 @@ class RoadLayer(nn.Module):
         return road_columns(self.variant[adapter], self.group_size[adapter],
                             self.road_theta[adapter], self.road_alpha[adapter])
 
-    def rebuild_tables(self, slots: Mapping[str, int]) -> None:
-        """Refill every table: row ``slots[a]`` holds adapter ``a``'s columns, other rows the identity."""
+    def rebuild_tables(self, slots: Mapping[str, int], composed: Sequence[str] = ()) -> None:
+        """Refill every table: row ``slots[a]`` holds adapter ``a``'s columns, other rows the identity.
+
+        With ``composed`` (several active adapters) one more row holds their product, applied in order, of
+        those on this layer with the table's group size.
+        """
         n_slots = max(slots.values(), default=0) + 1
         for group_size in {int(k[len("table_g"):]) for k in self._buffers if k.startswith("table_g")}:
             name = table_name(group_size)
             old = getattr(self, name)
-            rows = [identity_columns(self.out_features, old.dtype, old.device)] * n_slots
+            identity = identity_columns(self.out_features, old.dtype, old.device)
+            rows = [identity] * n_slots
             for adapter, slot in slots.items():
                 if self.group_size.get(adapter) == group_size:
                     rows[slot] = self.columns(adapter).to(old.dtype)
+            if composed:
+                product = identity
+                for adapter in composed:
+                    if self.group_size.get(adapter) == group_size:
+                        product = compose(rows[slots[adapter]], product, group_size)
+                rows.append(product)
             self._buffers[name] = torch.stack(rows)

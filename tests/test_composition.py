@@ -1,0 +1,178 @@
+"""PEFT's RoAd scenarios (tests/test_custom_models.py) on our API, each compared with PEFT itself."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import RoadConfig as PeftRoadConfig
+from peft import get_peft_model
+
+import fx_adapters as fxa
+from conftest import MLP, build_hf, mlp_input, token_batch
+
+SINGLE_CONFIGS = [
+    dict(target_modules=["lin0"], group_size=2),
+    dict(target_modules=["lin0", "lin1"], group_size=2),
+    dict(target_modules=["lin1"], group_size=2, variant="road_2"),
+    dict(target_modules=["lin0"], group_size=4, variant="road_2"),
+    dict(target_modules=["lin0"], group_size=2, variant="road_4"),
+    dict(target_modules=["lin0", "lin1"], group_size=2, variant="road_4"),
+]
+SAME_TARGETS = (dict(target_modules=["lin0"], group_size=2), dict(target_modules=["lin0"], group_size=2,
+                                                                  variant="road_4"))
+DIFFERENT_TARGETS = (dict(target_modules=["lin0"], group_size=2), dict(target_modules=["lin1"], group_size=2,
+                                                                       variant="road_4"))
+
+
+def both(model, configs: dict[str, dict], tmp_path, example=None):
+    """PEFT's model and ours with the same random adapters (PEFT initialises, ours loads its checkpoint)."""
+    torch.manual_seed(0)
+    peft_model = None
+    for name, cfg in configs.items():
+        peft_cfg = PeftRoadConfig(init_weights=False, **cfg)
+        if peft_model is None:
+            peft_model = get_peft_model(copy.deepcopy(model), peft_cfg, adapter_name=name)
+        else:
+            peft_model.add_adapter(name, peft_cfg)
+    peft_model.save_pretrained(tmp_path)
+    am = None
+    for name in configs:
+        if am is None:
+            am = fxa.compile_with_road(model, fxa.RoadConfig.from_pretrained(tmp_path / name), adapter_name=name,
+                                       **(example or {}))
+        am.load_adapter(tmp_path / name, adapter_name=name)
+    return peft_model.eval(), am.eval()
+
+
+def close(a, b, atol=1e-5):
+    torch.testing.assert_close(a, b, atol=atol, rtol=0)
+
+
+@pytest.fixture(params=[True, False], ids=["bias", "no_bias"])
+def mlp(request):
+    return MLP(bias=request.param).eval()
+
+
+@pytest.mark.parametrize("config", SINGLE_CONFIGS, ids=[f"config{i}" for i in range(1, 7)])
+def test_single_adapter_equals_peft(mlp, config, tmp_path):
+    peft_model, am = both(mlp, {"p": config}, tmp_path)
+    with torch.no_grad():
+        close(am(mlp_input()), peft_model(mlp_input()))
+
+
+@pytest.mark.parametrize("configs", [SAME_TARGETS, DIFFERENT_TARGETS], ids=["same_targets", "different_targets"])
+def test_two_active_adapters_equal_peft(mlp, configs, tmp_path):
+    peft_model, am = both(mlp, dict(zip("pq", configs)), tmp_path)
+    peft_model.base_model.set_adapter(["p", "q"])
+    am.set_adapter(["p", "q"])
+    assert am.active_adapters == ["p", "q"]
+    with torch.no_grad():
+        close(am(mlp_input()), peft_model(mlp_input()))
+
+
+@pytest.mark.parametrize("configs", [SAME_TARGETS, DIFFERENT_TARGETS], ids=["same_targets", "different_targets"])
+def test_merging_both_equals_peft_merge(mlp, configs, tmp_path):
+    peft_model, am = both(mlp, dict(zip("pq", configs)), tmp_path)
+    peft_model.base_model.set_adapter(["p", "q"])
+    am.set_adapter(["p", "q"])
+    with torch.no_grad():
+        unmerged = am(mlp_input())
+        peft_model.merge_adapter(["p", "q"])
+        am.merge(["p", "q"])
+        close(am(mlp_input()), peft_model(mlp_input()), atol=1e-4)
+        close(am(mlp_input()), unmerged, atol=1e-4)
+
+
+def test_unmerge_then_disabled_is_the_base_model(mlp, tmp_path):
+    _, am = both(mlp, dict(zip("pq", DIFFERENT_TARGETS)), tmp_path)
+    am.merge(["p", "q"])
+    am.unmerge()
+    with torch.no_grad(), am.disable_adapters():
+        close(am(mlp_input()), mlp(mlp_input()))
+
+
+def test_sequential_merge_equals_batch_merge(mlp, tmp_path):
+    _, am = both(mlp, dict(zip("pq", SAME_TARGETS)), tmp_path)
+    am.merge(["p", "q"])
+    batch = {n: p.detach().clone() for n, p in am.graph_module.named_parameters() if ".road_" not in n}
+    am.unmerge()
+    am.merge(["p"])
+    with pytest.warns(UserWarning, match=r"Already merged: \['p'\]. Now additionally merging \['q'\]"):
+        am.merge(["q"])  # PEFT warns the same
+    for name, value in am.graph_module.named_parameters():
+        if ".road_" not in name:
+            close(value, batch[name], atol=1e-6)
+    am.unmerge()
+
+
+@pytest.mark.parametrize("configs", [SAME_TARGETS, DIFFERENT_TARGETS], ids=["same_targets", "different_targets"])
+def test_mixed_batches_equal_peft(mlp, configs, tmp_path):
+    peft_model, am = both(mlp, dict(zip("pq", configs)), tmp_path)
+    names = ["p", "q", "__base__", "q", "p", "p", "__base__", "q", "p"]
+    with torch.no_grad():
+        close(am(mlp_input(), adapter_names=names), peft_model(mlp_input(), adapter_names=names))
+
+
+def test_fold_of_a_list_equals_those_adapters_active(mlp, tmp_path):
+    _, am = both(mlp, dict(zip("pq", DIFFERENT_TARGETS)), tmp_path)
+    am.set_adapter(["q", "p"])
+    with torch.no_grad():
+        close(am.fold(["q", "p"])(mlp_input()), am(mlp_input()))
+        am.set_adapter("q")
+        close(am.fold("q")(mlp_input()), am(mlp_input()))
+
+
+def test_unfold_of_a_composed_fold_restores_the_base_weights(mlp, tmp_path):
+    _, am = both(mlp, dict(zip("pq", SAME_TARGETS)), tmp_path)
+    base = fxa.unfold(am.fold(["p", "q"]), am)
+    for name, value in base.named_parameters():
+        close(value, mlp.get_parameter(name), atol=1e-6)
+
+
+def test_active_adapters_of_different_group_sizes_must_follow_the_graph_order(tmp_path):
+    am = fxa.compile_with_road(MLP().eval(), fxa.RoadConfig(group_size=4, target_modules=["lin0"]), adapter_name="g4")
+    am.add_adapter("g2", fxa.RoadConfig(group_size=2, target_modules=["lin0"]))
+    am.set_adapter(["g4", "g2"])
+    with pytest.raises(NotImplementedError, match="group sizes"):
+        am.set_adapter(["g2", "g4"])
+    assert am.active_adapters == ["g4", "g2"]
+
+
+def test_deleting_an_active_adapter_keeps_the_others_active(mlp, tmp_path):
+    _, am = both(mlp, dict(zip("pq", DIFFERENT_TARGETS)), tmp_path)
+    am.set_adapter(["p", "q"])
+    am.delete_adapter("p")
+    assert am.active_adapters == ["q"] and am.active_adapter == "q"
+    am.graph_module.graph.lint()
+    assert not [n for n in am.graph_module.graph.nodes if (n.meta.get("fx_adapters") or ("",))[1:2] == ("lin0",)]
+
+
+# ---------------------------------------------------------------- the same on a tiny Llama
+
+@pytest.fixture(scope="module")
+def llama_pair(tmp_path_factory):
+    configs = {"p": dict(target_modules=["q_proj", "v_proj"], group_size=8),
+               "q": dict(target_modules=["v_proj", "down_proj"], group_size=8, variant="road_2")}
+    model = build_hf("llama")
+    return (model, *both(model, configs, tmp_path_factory.mktemp("pair")))
+
+
+def test_llama_composition_equals_peft(llama_pair):
+    _, peft_model, am = llama_pair
+    ids, mask = token_batch(2, 6, left_pad=2)
+    peft_model.base_model.set_adapter(["q", "p"])
+    am.set_adapter(["q", "p"])
+    with torch.no_grad():
+        close(am(input_ids=ids, attention_mask=mask).logits,
+              peft_model(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_llama_mixed_batch_across_different_targets_equals_peft(llama_pair):
+    _, peft_model, am = llama_pair
+    ids, mask = token_batch(3, 6)
+    names = ["q", "__base__", "p"]
+    with torch.no_grad():
+        close(am(input_ids=ids, attention_mask=mask, adapter_names=names).logits,
+              peft_model(input_ids=ids, attention_mask=mask, adapter_names=names).logits)
