@@ -14,20 +14,22 @@ True
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import ROAD_PARAMS, read_adapter_dir, split_road_key, write_adapter_dir
+from .checkpoint import ROAD_PARAMS, read_adapter_dir, split_peft_key, write_adapter_dir
 from .config import RoadConfig
 from .merge import MergeMixin
 from .passes import run_passes
 from .passes.capture import CapturedModel, capture
 from .passes.match import FindLinearLayers, Target, select_targets
+from .passes.modules_to_save import SaveLinearLayers, saved_modules
 from .passes.rewrite import InsertRoadRotations, RemoveRoadRotations, layer_key, road_layers
-from .runtime.road_layer import RoadLayer
+from .runtime.rotation import param_size
 
 BASE = "__base__"
 
@@ -49,6 +51,7 @@ class AdaptedModule(MergeMixin, nn.Module):
         self._name_or_path = name_or_path
         self.peft_config: dict[str, RoadConfig] = {}
         self._adapter_targets: dict[str, tuple[str, ...]] = {}
+        self._saved: dict[str, tuple[str, ...]] = {}  # adapter -> linear layers it keeps a copy of
         self._active: list[str] = []
         self._disabled = False
         self._generation = 0
@@ -85,7 +88,7 @@ class AdaptedModule(MergeMixin, nn.Module):
 
     def match(self, config: RoadConfig) -> tuple[Target, ...]:
         """The layers ``config`` would adapt on this model (raises as ``add_adapter`` would); changes nothing."""
-        return tuple(self._select("(match)", config))
+        return tuple(self._select("(match)", config)[0])
 
     def adapter_targets(self, adapter_name: str) -> tuple[Target, ...]:
         """The layers one adapter rotates."""
@@ -95,11 +98,14 @@ class AdaptedModule(MergeMixin, nn.Module):
     def _road_layers(self) -> nn.ModuleDict:
         return road_layers(self.graph_module)
 
-    def _select(self, adapter_name: str, config: RoadConfig) -> list[Target]:
+    def _select(self, adapter_name: str, config: RoadConfig) -> tuple[list[Target], list[Target]]:
+        """(layers to rotate, linear layers to save a copy of) for a new adapter; raises on bad input."""
         if not isinstance(config, RoadConfig):
             raise TypeError(f"adapter {adapter_name!r}: expected a fx_adapters.RoadConfig, got {type(config).__name__}")
-        targets = select_targets(list(self._layers.values()), config.target_modules, config.exclude_modules,
-                                 model_type=self._model_type, output_head=self._output_head).targets
+        saved = self._saved_layers(adapter_name, config.modules_to_save or [])
+        targets = [t for t in select_targets(list(self._layers.values()), config.target_modules,
+                                             config.exclude_modules, model_type=self._model_type,
+                                             output_head=self._output_head).targets if t not in saved]
         bad = [t for t in targets if t.out_features % config.group_size]
         if bad:
             listed = ", ".join(f"{t.name!r} (out_features={t.out_features})" for t in bad[:3])
@@ -108,7 +114,27 @@ class AdaptedModule(MergeMixin, nn.Module):
                 f"{listed}{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}; choose a group_size that divides "
                 "them or exclude those layers"
             )
-        return targets
+        saved_elsewhere = {name for names in self._saved.values() for name in names}
+        clash = [t.name for t in targets if t.name in saved_elsewhere]
+        clash += [t.name for t in saved if any(t.name in names for names in self._adapter_targets.values())]
+        if clash:
+            raise ValueError(f"adapter {adapter_name!r}: layer {clash[0]!r} cannot be both rotated by one adapter and "
+                             "saved (modules_to_save) by another; exclude it from one of them")
+        return targets, saved
+
+    def _saved_layers(self, adapter_name: str, modules_to_save: Sequence[str]) -> list[Target]:
+        saved = []
+        for wanted in modules_to_save:
+            found = [t for t in self._layers.values() if t.name == wanted or t.name.endswith("." + wanted)]
+            if not found:
+                raise ValueError(f"adapter {adapter_name!r}: modules_to_save entry {wanted!r} matches no linear layer "
+                                 "of the model (only linear layers, e.g. classification heads, can be saved)")
+            unsupported = [t for t in found if t.kind != "linear"]
+            if unsupported:
+                raise NotImplementedError(f"adapter {adapter_name!r}: modules_to_save of {unsupported[0].kind} layer "
+                                          f"{unsupported[0].name!r} is not supported; only nn.Linear layers")
+            saved += [t for t in found if t not in saved]
+        return saved
 
     def add_adapter(self, adapter_name: str, config: RoadConfig) -> None:
         """Add an adapter (not active, not trainable until ``set_adapter``), rewriting layers it newly targets."""
@@ -116,14 +142,22 @@ class AdaptedModule(MergeMixin, nn.Module):
             raise ValueError(f"invalid adapter name {adapter_name!r}: use a non-empty name without '.', not {BASE!r}")
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
-        targets = self._select(adapter_name, config)
-        run_passes(self.graph_module, [InsertRoadRotations([(t, config.group_size) for t in targets])])
+        targets, saved = self._select(adapter_name, config)
+        save = SaveLinearLayers(saved)
+        run_passes(self.graph_module, [InsertRoadRotations([(t, config.group_size) for t in targets]), save])
+        for t in saved:
+            self._layers[t.name] = replace(t, nodes=tuple(save.renamed.get(n, n) for n in t.nodes))
         layers = self._road_layers()
         device = next(self.graph_module.parameters()).device
         for t in targets:
             layers[layer_key(t.name)].add_adapter(adapter_name, config, torch.float32, device)
+        for t in saved:
+            weight = self.graph_module.get_parameter(f"{t.name}.weight")
+            bias = self.graph_module.get_parameter(f"{t.name}.bias") if t.has_bias else None
+            saved_modules(self.graph_module)[layer_key(t.name)].add_copy(adapter_name, weight, bias)
         self.peft_config[adapter_name] = config
         self._adapter_targets[adapter_name] = tuple(t.name for t in targets)
+        self._saved[adapter_name] = tuple(t.name for t in saved)
         self._generation += 1
         if not self._active:
             self.set_adapter(adapter_name)
@@ -141,6 +175,10 @@ class AdaptedModule(MergeMixin, nn.Module):
         for name in names:
             self._check_known(name, "set_adapter")
         self._check_composable(names)
+        savers = [n for n in names if self._saved.get(n)]
+        if len(savers) > 1:
+            raise ValueError(f"set_adapter({names}): adapters {savers} all have modules_to_save; as in PEFT, at most "
+                             "one active adapter may have them")
         self._active = names
         self._set_trainable()
         self._generation += 1
@@ -169,6 +207,9 @@ class AdaptedModule(MergeMixin, nn.Module):
             for name in layer.road_theta:
                 layer.road_theta[name].requires_grad_(name in self._active)
                 layer.road_alpha[name].requires_grad_(name in self._active)
+        for module in saved_modules(self.graph_module).values():
+            for name, p in (*module.weight.items(), *module.bias.items()):
+                p.requires_grad_(name in self._active)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Delete an adapter; rotations that no remaining adapter needs leave the graph."""
@@ -176,6 +217,8 @@ class AdaptedModule(MergeMixin, nn.Module):
         layers = self._road_layers()
         for name in self._adapter_targets.pop(adapter_name):
             layers[layer_key(name)].remove_adapter(adapter_name)
+        for name in self._saved.pop(adapter_name):  # the SavedLinear node stays: without copies it is the layer
+            saved_modules(self.graph_module)[layer_key(name)].remove_copy(adapter_name)
         del self.peft_config[adapter_name]
         keep = {(name, cfg.group_size) for a, cfg in self.peft_config.items() for name in self._adapter_targets[a]}
         run_passes(self.graph_module, [RemoveRoadRotations(keep)])
@@ -245,6 +288,8 @@ class AdaptedModule(MergeMixin, nn.Module):
                 stack.enter_context(torch.no_grad())
             for layer in layers:
                 layer.rebuild_tables(slots, self._active if len(self._active) > 1 else ())
+        for module in saved_modules(self.graph_module).values():
+            module.set_slots(slots, self._active if len(self._active) > 1 else ())
         self._cache_key = key
 
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
@@ -273,61 +318,73 @@ class AdaptedModule(MergeMixin, nn.Module):
             if config != self.peft_config[adapter_name]:
                 raise ValueError(f"load_adapter({source}): its config does not match existing adapter "
                                  f"{adapter_name!r}; load it under a new name or delete {adapter_name!r} first")
-            targets = self.adapter_targets(adapter_name)
+            targets, saved = self.adapter_targets(adapter_name), [self._layers[n] for n in self._saved[adapter_name]]
         elif config is None:
             raise ValueError(f"load_adapter({source}): adapter {adapter_name!r} does not exist; pass config= "
                              "(a RoadConfig) to create it from a state dict")
         else:
-            targets = self._select(adapter_name, config)
-        values = self._check_checkpoint(state, targets, config, source)
+            targets, saved = self._select(adapter_name, config)
+        expected = {(t.name, p): (param_size(config.variant, t.out_features),) for t in targets for p in ROAD_PARAMS}
+        expected.update({(t.name, "weight"): (t.out_features, t.in_features) for t in saved})
+        expected.update({(t.name, "bias"): (t.out_features,) for t in saved if t.has_bias})
+        values = _check_checkpoint(state, expected, config, source)
         if adapter_name not in self.peft_config:
             self.add_adapter(adapter_name, config)
-        layers = self._road_layers()
+        destination = self._adapter_tensors(adapter_name)
         with torch.no_grad():
-            for (path, param), tensor in values.items():
-                getattr(layers[layer_key(path)], param)[adapter_name].copy_(tensor)
+            for site, tensor in values.items():
+                destination[site].copy_(tensor)
         self._generation += 1
 
-    @staticmethod
-    def _check_checkpoint(state: Mapping[str, torch.Tensor], targets: Sequence[Target], config: RoadConfig,
-                          source: str) -> dict[tuple[str, str], torch.Tensor]:
-        from .runtime.rotation import param_size
-
-        expected = {(t.name, p): param_size(config.variant, t.out_features) for t in targets for p in ROAD_PARAMS}
-        values, unexpected = {}, []
-        for key, tensor in state.items():
-            try:
-                site = split_road_key(key)
-            except KeyError:
-                site = None
-            if site not in expected:
-                unexpected.append(key)
-                continue
-            if tuple(tensor.shape) != (expected[site],):
-                raise ValueError(
-                    f"load_adapter({source}): {key} has shape {tuple(tensor.shape)}, but layer {site[0]!r} needs "
-                    f"({expected[site]},) for variant={config.variant!r}; the checkpoint does not fit this model/config"
-                )
-            values[site] = tensor
-        missing = [f"{path}.{param}" for path, param in expected if (path, param) not in values]
-        if unexpected or missing:
-            raise ValueError(
-                f"load_adapter({source}): the checkpoint does not fit this model: "
-                f"{len(unexpected)} unexpected key(s) {unexpected[:3]}, {len(missing)} missing {missing[:3]}"
-            )
-        return values
+    def _adapter_tensors(self, adapter_name: str) -> dict[tuple[str, str], nn.Parameter]:
+        """(module path, PEFT parameter name) -> parameter, for everything an adapter saves."""
+        layers, copies = self._road_layers(), saved_modules(self.graph_module)
+        tensors = {(name, p): getattr(layers[layer_key(name)], p)[adapter_name]
+                   for name in self._adapter_targets[adapter_name] for p in ROAD_PARAMS}
+        for name in self._saved[adapter_name]:
+            module = copies[layer_key(name)]
+            tensors[(name, "weight")] = module.weight[adapter_name]
+            if adapter_name in module.bias:
+                tensors[(name, "bias")] = module.bias[adapter_name]
+        return tensors
 
     def save_adapter(self, directory: str | Path, adapter_name: str | None = None) -> Path:
-        """Write ``adapter_name`` (default: the active one) as a PEFT adapter directory."""
+        """Write ``adapter_name`` (default: the active one) as a PEFT adapter directory.
+
+        Its ``target_modules`` / ``modules_to_save`` list the exact module paths, so PEFT adapts exactly the
+        same layers whatever rule selected them here.
+        """
         adapter_name = adapter_name or self._single_active("save_adapter")
         self._check_known(adapter_name, "save_adapter")
         config = self.peft_config[adapter_name]
-        names = self._adapter_targets[adapter_name]
         exact = RoadConfig(variant=config.variant, group_size=config.group_size, init_weights=config.init_weights,
-                           target_modules=sorted(names))
-        layers = self._road_layers()
-        tensors = {(name, p): getattr(layers[layer_key(name)], p)[adapter_name] for name in names for p in ROAD_PARAMS}
-        return write_adapter_dir(directory, exact, tensors, self._name_or_path)
+                           target_modules=sorted(self._adapter_targets[adapter_name]),
+                           modules_to_save=sorted(self._saved[adapter_name]) or None)
+        return write_adapter_dir(directory, exact, self._adapter_tensors(adapter_name), self._name_or_path)
+
+
+def _check_checkpoint(state: Mapping[str, torch.Tensor], expected: Mapping[tuple[str, str], tuple[int, ...]],
+                      config: RoadConfig, source: str) -> dict[tuple[str, str], torch.Tensor]:
+    """The checkpoint's tensors by (module path, parameter) when they are exactly ``expected``; else raise."""
+    values, unexpected = {}, []
+    for key, tensor in state.items():
+        site = split_peft_key(key)
+        if site not in expected:
+            unexpected.append(key)
+            continue
+        if tuple(tensor.shape) != expected[site]:
+            raise ValueError(
+                f"load_adapter({source}): {key} has shape {tuple(tensor.shape)}, but layer {site[0]!r} needs "
+                f"{expected[site]} for variant={config.variant!r}; the checkpoint does not fit this model/config"
+            )
+        values[site] = tensor
+    missing = [f"{path}.{param}" for path, param in expected if (path, param) not in values]
+    if unexpected or missing:
+        raise ValueError(
+            f"load_adapter({source}): the checkpoint does not fit this model: "
+            f"{len(unexpected)} unexpected key(s) {unexpected[:3]}, {len(missing)} missing {missing[:3]}"
+        )
+    return values
 
 
 def _output_head(model: nn.Module) -> str | None:

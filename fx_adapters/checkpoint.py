@@ -36,11 +36,9 @@ def read_adapter_dir(adapter_dir: str | Path) -> tuple[RoadConfig, dict[str, tor
         raise ValueError(f"{weights}: not a readable safetensors file ({exc})") from None
 
 
-def split_road_key(key: str) -> tuple[str, str]:
+def split_peft_key(key: str) -> tuple[str, str]:
     """``base_model.model.a.b.road_theta`` → (``a.b``, ``road_theta``); also accepts keys without the prefix."""
     path, _, param = key.removeprefix(PEFT_PREFIX).rpartition(".")
-    if param not in ROAD_PARAMS or not path:
-        raise KeyError(key)
     return path, param
 
 

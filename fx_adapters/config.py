@@ -47,6 +47,8 @@ class RoadConfig:
     target_modules: names (exact or suffix of the module path), a regex (full match), ``"all-linear"``, or
         None for PEFT's per-architecture defaults.
     exclude_modules: same forms; matches are never adapted.
+    modules_to_save: linear layers (names, exact or suffix, e.g. a classification head) that get a trainable
+        copy per adapter, saved with it; the copy replaces the layer for that adapter's samples.
     """
 
     variant: str = "road_1"
@@ -54,6 +56,7 @@ class RoadConfig:
     init_weights: bool = True
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -65,6 +68,11 @@ class RoadConfig:
             raise TypeError(f"RoadConfig: init_weights must be True or False, got {self.init_weights!r}")
         self.target_modules = _check_module_selector("target_modules", self.target_modules)
         self.exclude_modules = _check_module_selector("exclude_modules", self.exclude_modules)
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
+                raise TypeError(f"RoadConfig: modules_to_save must be a list of module names, got "
+                                f"{self.modules_to_save!r}")
+            self.modules_to_save = list(self.modules_to_save)
 
     @classmethod
     def from_pretrained(cls, adapter_dir: str | Path) -> RoadConfig:
@@ -76,13 +84,8 @@ class RoadConfig:
         peft_type = str(data.get("peft_type", "ROAD")).upper()
         if peft_type != "ROAD":
             raise ValueError(f"{source}: peft_type is {data.get('peft_type')!r}, not a RoAd adapter (ROAD)")
-        if data.get("modules_to_save"):
-            raise NotImplementedError(
-                f"{source}: modules_to_save={data['modules_to_save']!r} is not supported yet; "
-                "save the adapter without modules_to_save"
-            )
-        fields = {k: data[k] for k in ("variant", "group_size", "init_weights", "target_modules", "exclude_modules")
-                  if k in data}
+        fields = {k: data[k] for k in ("variant", "group_size", "init_weights", "target_modules", "exclude_modules",
+                                       "modules_to_save") if k in data}
         try:
             return cls(**fields)
         except (TypeError, ValueError) as exc:
@@ -99,7 +102,6 @@ class RoadConfig:
             "task_type": None,
             "base_model_name_or_path": base_model_name_or_path,
             "inference_mode": True,
-            "modules_to_save": None,
             "revision": None,
         }
 

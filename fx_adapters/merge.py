@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 
 from .passes import run_passes
-from .passes.fold import Fold, PlainOutput, RotateWeights, StripRoad, copy_graph_module
+from .passes.fold import Fold, PlainOutput, RotateWeights, StripRoad, assign_tensor, copy_graph_module
 from .passes.rewrite import layer_key
 
 FOLDED_ADAPTER = "folded_adapter"  # key of ``GraphModule.meta`` recording which adapter ``fold`` folded
@@ -43,6 +43,7 @@ class MergeMixin:
     """
 
     _merged: tuple[tuple[str, tuple[Fold, ...]], ...] = ()  # (adapter, the rotations merged), in merge order
+    _unsaved: tuple[dict[str, torch.Tensor], ...] = ()  # per merge: layer tensors replaced by modules_to_save copies
 
     @property
     def merged_adapters(self) -> list[str]:
@@ -81,7 +82,10 @@ class MergeMixin:
                           + (f"Now additionally merging {todo}." if todo else "Nothing to do."), stacklevel=2)
         merges = tuple((name, self._folds(name)) for name in todo)
         RotateWeights([f for _, folds in merges for f in folds], safe_merge)(self.graph_module)
+        originals = {fqn: self.graph_module.get_parameter(fqn) for fqn in self._saved_copies(todo)}
+        _assign_all(self.graph_module, self._saved_copies(todo))
         self._merged += merges
+        self._unsaved += (originals,)
 
     def unmerge(self) -> None:
         """Undo every merge, last first, by the inverse of the rotations merged (their ``(2, out)`` columns are
@@ -94,7 +98,9 @@ class MergeMixin:
             return
         inverse = [fold.inverse() for _, folds in reversed(self._merged) for fold in reversed(folds)]
         RotateWeights(inverse)(self.graph_module)
-        self._merged = ()
+        for originals in reversed(self._unsaved):
+            _assign_all(self.graph_module, originals)
+        self._merged, self._unsaved = (), ()
 
     def fold(self, adapter_name: str | Sequence[str] | None = None) -> torch.fx.GraphModule:
         """A standalone ``torch.fx.GraphModule`` computing the model with adapters folded in.
@@ -113,9 +119,19 @@ class MergeMixin:
                              "unmerge() first (fold starts from the base weights)")
         folded = copy_graph_module(self.graph_module)
         RotateWeights([f for name in names for f in self._folds(name)])(folded)
+        _assign_all(folded, self._saved_copies(names))
         run_passes(folded, [StripRoad(), PlainOutput(self._captured.out_spec)])
         folded.meta[FOLDED_ADAPTER] = names
         return folded
+
+    def _saved_copies(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Layer tensor name -> a detached copy of the ``modules_to_save`` copy of the last of ``names`` saving it."""
+        copies = {}
+        for name in names:
+            for (path, param), tensor in self._adapter_tensors(name).items():
+                if param in ("weight", "bias"):
+                    copies[f"{path}.{param}"] = tensor.detach().clone()
+        return copies
 
     def _adapter_list(self, adapter_name: str | Sequence[str] | None, where: str) -> list[str]:
         names = list(self._active) if adapter_name is None else (
@@ -137,6 +153,11 @@ class MergeMixin:
             raise ValueError(f"disable_adapters(): adapters {self.merged_adapters} are merged into the weights; call "
                              "unmerge() first")
         return True
+
+
+def _assign_all(gm: torch.fx.GraphModule, tensors: dict[str, torch.Tensor]) -> None:
+    for fqn, tensor in tensors.items():
+        assign_tensor(gm, fqn, tensor)
 
 
 def unfold(folded: torch.fx.GraphModule, am: MergeMixin, adapter_name: str | Sequence[str] | None = None

@@ -166,7 +166,7 @@ def _tensor(gm: nn.Module, fqn: str, layer: str) -> torch.Tensor:
     return value
 
 
-def _assign(gm: nn.Module, fqn: str, value: torch.Tensor) -> None:
+def assign_tensor(gm: nn.Module, fqn: str, value: torch.Tensor) -> None:
     """Replace the parameter or buffer at ``fqn`` by ``value`` (a parameter stays a parameter)."""
     prefix, _, leaf = fqn.rpartition(".")
     module = gm.get_submodule(prefix)
@@ -209,19 +209,28 @@ class RotateWeights(PassBase):
                                  f"{name!r}; nothing was merged. The adapter seems broken: check its parameters")
             new.update((key, t) for key, t in zip(keys, (weight, bias)) if key is not None)
         for key, value in new.items():
-            _assign(graph_module, key, value)
+            assign_tensor(graph_module, key, value)
         return PassResult(graph_module, bool(new))
 
 
 class StripRoad(PassBase):
-    """Remove every RoAd rotation, its table, the ``road_index`` input and the ``road_adapters`` submodule."""
+    """Remove every RoAd rotation, its table, the ``road_index`` input and the ``road_adapters`` submodule;
+    ``modules_to_save`` nodes become plain linears of the layer's (folded) weights."""
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         graph = graph_module.graph
         modified = False
         for node in list(graph.nodes):
-            if node.meta.get("fx_adapters", ("",))[0] == "road" and node.op == "call_function":
+            tag = node.meta.get("fx_adapters", ("",))[0]
+            if tag == "road" and node.op == "call_function":
                 node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
+                modified = True
+            elif tag == "saved":
+                with graph.inserting_before(node):
+                    linear = graph.call_function(torch.ops.aten.linear.default, node.args[:3])
+                linear.meta.update({k: v for k, v in node.meta.items() if k != "fx_adapters"})
+                node.replace_all_uses_with(linear)
                 graph.erase_node(node)
                 modified = True
         for node in list(graph.nodes):
