@@ -26,7 +26,7 @@ from .config import RoadConfig
 from .merge import MergeMixin
 from .passes import run_passes
 from .passes.capture import CapturedModel, capture
-from .passes.match import FindLinearLayers, Target, select_targets
+from .passes.match import FindLinearLayers, Target, output_head, select_targets
 from .passes.modules_to_save import SaveLinearLayers, saved_modules
 from .passes.rewrite import InsertRoadRotations, RemoveRoadRotations, layer_key, road_layers
 from .runtime.rotation import param_size
@@ -387,12 +387,6 @@ def _check_checkpoint(state: Mapping[str, torch.Tensor], expected: Mapping[tuple
     return values
 
 
-def _output_head(model: nn.Module) -> str | None:
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    return next((name for name, m in model.named_modules() if m is head), None) if head is not None else None
-
-
 def compile_with_road(model: nn.Module, config: RoadConfig, example_inputs: tuple | None = None,
                       example_kwargs: dict | None = None, adapter_name: str = "default") -> AdaptedModule:
     """Capture ``model`` as a graph and add the RoAd adapter ``adapter_name``; ``model`` is not modified."""
@@ -403,6 +397,6 @@ def compile_with_road(model: nn.Module, config: RoadConfig, example_inputs: tupl
     finder(captured.graph_module)
     model_config = getattr(model, "config", None)
     am = AdaptedModule(captured, finder.layers, model_type=getattr(model_config, "model_type", None),
-                       output_head=_output_head(model), name_or_path=getattr(model_config, "_name_or_path", None))
+                       output_head=output_head(model), name_or_path=getattr(model_config, "_name_or_path", None))
     am.add_adapter(adapter_name, config)
     return am.train(model.training)

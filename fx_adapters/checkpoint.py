@@ -24,16 +24,21 @@ def read_adapter_dir(adapter_dir: str | Path) -> tuple[RoadConfig, dict[str, tor
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise FileNotFoundError(f"{adapter_dir}: not a directory; expected a PEFT adapter directory")
-    config = RoadConfig.from_pretrained(adapter_dir)
-    weights = adapter_dir / WEIGHTS_NAME
+    return RoadConfig.from_pretrained(adapter_dir), read_adapter_weights(adapter_dir)
+
+
+def read_adapter_weights(adapter_dir: str | Path, source: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a PEFT adapter directory's ``adapter_model.safetensors`` (a pickle is never loaded)."""
+    weights = Path(adapter_dir) / WEIGHTS_NAME
+    prefix = f"{source}: " if source else ""
     if not weights.is_file():
         hint = " (only adapter_model.bin is there: it is a pickle, which fx_adapters never loads; re-save it with " \
-               "safe_serialization=True)" if (adapter_dir / "adapter_model.bin").exists() else ""
-        raise FileNotFoundError(f"{weights}: missing{hint}")
+               "safe_serialization=True)" if (Path(adapter_dir) / "adapter_model.bin").exists() else ""
+        raise FileNotFoundError(f"{prefix}{weights}: missing{hint}")
     try:
-        return config, load_file(weights)
+        return load_file(weights)
     except (SafetensorError, OSError) as exc:
-        raise ValueError(f"{weights}: not a readable safetensors file ({exc})") from None
+        raise ValueError(f"{prefix}{weights}: not a readable safetensors file ({exc})") from None
 
 
 def split_peft_key(key: str) -> tuple[str, str]:

@@ -115,15 +115,16 @@ def _call_site_outputs(gm: torch.fx.GraphModule, module_types: Mapping[str, type
                                f"({len(outs)} outputs, {len(compute)} linear/addmm nodes)")
         (op,) = compute
         if op.target == aten.linear.default:
-            out_f, in_f = _attr(gm, op.args[1]).shape
+            out_f, in_f = attr_tensor(gm, op.args[1]).shape
             has_bias = len(op.args) > 2 and op.args[2] is not None
         else:  # Conv1D: addmm(bias, x, weight[in, out])
-            in_f, out_f = _attr(gm, op.args[2]).shape
+            in_f, out_f = attr_tensor(gm, op.args[2]).shape
             has_bias = True
         yield path, outs[0], (out_f, in_f), has_bias
 
 
-def _attr(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor:
+def attr_tensor(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor:
+    """The tensor a ``get_attr`` node reads."""
     if node.op != "get_attr":
         raise RuntimeError(f"match: expected a weight attribute, got node {node.name!r} ({node.op})")
     prefix, _, name = node.target.rpartition(".")
@@ -191,6 +192,13 @@ def _examples(layers: Sequence[Target], near=None, n: int = 6) -> str:
         names = sorted({x for x in names if x.rsplit(".", 1)[-1] in close}, key=names.index) + names
     uniq = list(dict.fromkeys(names))
     return ", ".join(uniq[:n]) + (", …" if len(uniq) > n else "") if uniq else "(no linear-like layers)"
+
+
+def output_head(model: nn.Module) -> str | None:
+    """Module path of a transformers model's output embedding (e.g. ``lm_head``), None for other models."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return next((name for name, m in model.named_modules() if m is head), None) if head is not None else None
 
 
 class FindLinearLayers(PassBase):

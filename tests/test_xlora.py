@@ -1,0 +1,371 @@
+"""X-LoRA API: scalings log, classifier checkpoints, training, and bad input (clear error, nothing changed)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import fx_adapters as fxa
+from conftest import build_hf, token_batch
+from fx_adapters.passes.capture import capture
+from xlora_helpers import logits, peft_classifier_state, peft_xlora, save_experts
+
+ATOL = 1e-5
+pytestmark = pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`:UserWarning",
+                                        "ignore:fan_in_fan_out is set:UserWarning")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    model = build_hf("llama")
+    dirs = save_experts(model, tmp_path_factory.mktemp("experts"))
+    return model, capture(model), dirs
+
+
+def build(setup, **config):
+    model, captured, dirs = setup
+    adapters = {f"e{i}": d for i, d in enumerate(dirs)}
+    return fxa.XLoraModule.from_captured(model, captured, fxa.XLoraConfig(adapters=adapters, **config))
+
+
+def snapshot(xm):
+    return {k: v.clone() for k, v in xm.state_dict().items()}, json.dumps(vars(xm.config), default=str)
+
+
+def assert_unchanged(xm, before):
+    state, config = before
+    now = xm.state_dict()
+    assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+    assert json.dumps(vars(xm.config), default=str) == config
+
+
+# ------------------------------------------------------------------ structure
+
+
+def test_layers_are_the_experts_union_in_module_order(setup):
+    xm = build(setup)
+    names = [t.name.removeprefix("model.layers.") for t in xm.targets]
+    assert names == ["model.embed_tokens"] + [f"{i}.{m}" for i in (0, 1) for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj")]
+    ids, _ = token_batch(2, 5)
+    xm(input_ids=ids)
+    assert xm.get_latest_scalings().shape == (2, 5, len(xm.targets), 3)
+
+
+def test_one_graph_holds_both_passes_and_the_classifier(setup):
+    xm = build(setup)
+    calls = [n.target for n in xm.graph_module.graph.nodes if n.op == "call_module"]
+    assert calls.count("xlora_classifier") == 1
+    for target in xm.targets:  # every adapted layer: its experts in the scaling pass and in the real pass
+        key = "xlora_experts." + target.name.replace(".", "__")
+        assert calls.count(key) == 2
+
+
+def test_expert_math_is_one_matmul_for_all_As_and_one_for_all_Bs(setup):
+    xm = build(setup)
+    target = xm.targets[1]  # model.layers.0.self_attn.q_proj
+    experts = xm.graph_module.xlora_experts[target.name.replace(".", "__")]
+    assert experts.lora_A.shape == (3, 8, target.in_features)  # zero-padded to the largest rank (8)
+    assert experts.lora_B.shape == (target.out_features, 3, 8)
+    x, y, w = torch.randn(2, 3, target.in_features), torch.randn(2, 3, target.out_features), torch.rand(2, 3, 3)
+    with torch.profiler.profile() as prof:
+        experts(y, x, w, 1.0)
+    assert sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::bmm", "aten::addmm")) == 2
+
+
+def test_classifier_reads_the_last_hidden_state_of_the_scaling_pass(setup):
+    model, _, _ = setup
+    xm = build(setup)
+    ids, _ = token_batch(2, 6)
+    logits(xm, ids)
+    with torch.no_grad():  # scaling_pass_value 0: the scaling pass computes the base model
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        torch.testing.assert_close(xm.get_latest_scalings(), xm.classifier(hidden), atol=1e-6, rtol=0)
+    xm.set_scaling_pass_value(0.5)
+    logits(xm, ids)
+    assert not torch.allclose(xm.get_latest_scalings(), xm.classifier(hidden), atol=1e-4)
+
+
+def test_compile_with_xlora_leaves_the_model_unchanged(setup):
+    model, _, dirs = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    xm = fxa.compile_with_xlora(model, fxa.XLoraConfig(adapters={"a": dirs[0], "b": dirs[1]}))
+    ids, _ = token_batch(2, 4)
+    assert type(xm(input_ids=ids)) is type(model(input_ids=ids))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")  # torch's pytree, pickling any TreeSpec
+def test_pickle_round_trip_keeps_outputs_and_settings(setup):
+    xm = build(setup, top_k_lora=2, scaling_pass_value=0.3)
+    ids, _ = token_batch(2, 5)
+    expected = logits(xm, ids)
+    restored = pickle.loads(pickle.dumps(xm))
+    assert restored.config.top_k_lora == 2
+    torch.testing.assert_close(logits(restored, ids), expected, atol=0, rtol=0)
+    restored.disable_adapter_layers()
+    torch.testing.assert_close(logits(restored, ids), logits(setup[0], ids), atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------ scalings log
+
+
+def test_latest_scalings_are_none_before_the_first_call(setup):
+    assert build(setup).get_latest_scalings() is None
+
+
+def test_scalings_log_buckets_by_sequence_length(setup):
+    xm = build(setup)
+    xm.enable_scalings_logging()
+    for seq in (4, 6, 4):
+        logits(xm, token_batch(2, seq)[0])
+    log = xm.get_scalings_log()
+    assert [s.shape[1] for s in log] == [4, 6, 4]
+    buckets = xm.get_bucketed_scalings_log()
+    assert sorted(buckets) == [4, 6] and buckets[4][0] == [0, 2] and buckets[6][0] == [1]
+    assert buckets[4][1][1] is log[2]
+    log.clear()  # a copy
+    assert len(xm.get_scalings_log()) == 3
+
+
+def test_disabling_logging_keeps_the_log_and_clear_empties_it(setup):
+    xm = build(setup)
+    xm.enable_scalings_logging()
+    logits(xm, token_batch(1, 3)[0])
+    xm.disable_scalings_logging()
+    logits(xm, token_batch(1, 3)[0])
+    assert len(xm.get_scalings_log()) == 1
+    xm.clear_scalings_log()
+    assert xm.get_scalings_log() == []
+
+
+def test_disabled_calls_leave_the_latest_scalings_alone(setup):
+    xm = build(setup)
+    ids, _ = token_batch(2, 5)
+    logits(xm, ids)
+    latest = xm.get_latest_scalings()
+    xm.disable_adapter_layers()
+    logits(xm, token_batch(3, 8)[0])
+    assert xm.get_latest_scalings() is latest
+    xm.enable_adapter_layers()
+    logits(xm, token_batch(3, 8)[0])
+    assert xm.get_latest_scalings().shape[:2] == (3, 8)
+
+
+# ------------------------------------------------------------------ classifier checkpoints
+
+
+def test_saved_classifier_loads_into_a_fresh_module(setup, tmp_path):
+    first, second = build(setup, xlora_depth=2, xlora_size=8), build(setup, xlora_depth=2, xlora_size=8)
+    ids, _ = token_batch(2, 5)
+    path = first.save_classifier(tmp_path / "classifier.safetensors")
+    assert not torch.allclose(logits(first, ids), logits(second, ids))
+    second.load_classifier(path)
+    torch.testing.assert_close(logits(second, ids), logits(first, ids), atol=0, rtol=0)
+
+
+def test_peft_xlora_checkpoint_loads(setup, tmp_path):
+    model, _, dirs = setup
+    peft_model = peft_xlora(model, dirs, layerwise_scalings=True)
+    state = {k: v for k, v in peft_model.state_dict().items() if "internal_xlora_classifier" in k}
+    save_file(state, tmp_path / "adapter_model.safetensors")  # what PEFT's checkpoint holds (see next test)
+    xm = build(setup, layerwise_scalings=True)
+    xm.load_classifier(tmp_path)
+    ids, mask = token_batch(2, 6, left_pad=1)
+    torch.testing.assert_close(logits(xm, ids, mask), logits(peft_model, ids, mask), atol=ATOL, rtol=0)
+
+
+def test_peft_save_pretrained_checkpoint_lacks_the_classifier_and_is_refused_with_a_hint(setup, tmp_path):
+    model, _, dirs = setup
+    peft_xlora(model, dirs).save_pretrained(tmp_path)  # PEFT 0.21 filters out "layers.0.*": expert "0"'s name
+    xm = build(setup)
+    before = snapshot(xm)
+    with pytest.raises(ValueError, match="missing.*save_file"):
+        xm.load_classifier(tmp_path)
+    assert_unchanged(xm, before)
+
+
+def test_classifier_checkpoint_of_another_shape_is_refused(setup, tmp_path):
+    path = build(setup, layerwise_scalings=True).save_classifier(tmp_path / "c.safetensors")
+    xm = build(setup)
+    before = snapshot(xm)
+    with pytest.raises(ValueError, match="does not fit this classifier.*layers.0.weight"):
+        xm.load_classifier(path)
+    assert_unchanged(xm, before)
+
+
+def test_missing_classifier_checkpoint_is_refused(setup, tmp_path):
+    with pytest.raises(FileNotFoundError, match="save_classifier"):
+        build(setup).load_classifier(tmp_path / "nothing.safetensors")
+
+
+# ------------------------------------------------------------------ training
+
+
+def test_only_the_classifier_is_trainable(setup):
+    xm = build(setup, xlora_depth=2, xlora_size=8)
+    xm.train()
+    xm.enable_adapter_layers()
+    xm.disable_adapter_layers()
+    xm.enable_adapter_layers()
+    trainable = [n for n, p in xm.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("graph_module.xlora_classifier.") for n in trainable)
+
+
+def test_classifier_gradients_equal_peft(setup):
+    model, _, dirs = setup
+    peft_model = peft_xlora(model, dirs, top_k_lora=2, scaling_pass_value=0.3)
+    xm = build(setup, top_k_lora=2, scaling_pass_value=0.3)
+    xm.classifier.load_state_dict(peft_classifier_state(peft_model))
+    ids, mask = token_batch(2, 6, left_pad=2)
+    for module in (peft_model, xm):  # eval mode: no dropout, so both compute the same function
+        module(input_ids=ids, attention_mask=mask).logits.square().mean().backward()
+    peft_grads = {k.split("internal_xlora_classifier.")[1]: p.grad for k, p in peft_model.named_parameters()
+                  if "internal_xlora_classifier." in k}
+    for name, param in xm.classifier.named_parameters():
+        torch.testing.assert_close(param.grad, peft_grads[name], atol=1e-6, rtol=1e-4)
+
+
+def test_training_steps_lower_the_loss_and_keep_the_experts_bit_identical(setup):
+    xm = build(setup, xlora_depth=2, xlora_size=16, xlora_dropout_p=0.1)
+    frozen = {k: v.clone() for k, v in xm.state_dict().items() if "xlora_classifier" not in k}
+    ids, _ = token_batch(4, 8, seed=5)
+    labels = torch.randint(0, 128, ids.shape, generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.Adam([p for p in xm.parameters() if p.requires_grad], lr=1e-2)
+    xm.train()
+    losses = []
+    for _ in range(6):
+        loss = torch.nn.functional.cross_entropy(xm(input_ids=ids).logits.flatten(0, 1), labels.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    now = xm.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in frozen.items())
+
+
+def test_trainable_adapters_get_gradients(setup):
+    xm = build(setup, use_trainable_adapters=True)
+    xm(input_ids=token_batch(2, 5)[0]).logits.sum().backward()
+    experts = [p for n, p in xm.named_parameters() if ".lora_" in n]
+    assert experts and all(p.requires_grad and p.grad is not None for p in experts)
+    assert any(p.grad.abs().sum() > 0 for p in experts)
+
+
+def test_expert_dropout_applies_only_in_training(setup):
+    xm = build(setup)  # expert e1 has lora_dropout=0.1
+    ids, _ = token_batch(2, 6)
+    with torch.no_grad():
+        evaluated = xm(input_ids=ids).logits
+        xm.train()
+        trained = xm(input_ids=ids).logits
+        xm.eval()
+        torch.testing.assert_close(xm(input_ids=ids).logits, evaluated, atol=0, rtol=0)
+    assert not torch.allclose(trained, evaluated, atol=1e-4)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_no_experts_is_refused():
+    with pytest.raises(ValueError, match="no experts"):
+        fxa.XLoraConfig(adapters={})
+
+
+def test_missing_expert_dir_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="'math'.*not a directory"):
+        fxa.XLoraConfig(adapters={"math": tmp_path / "missing"})
+
+
+def test_dir_without_adapter_config_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no adapter config"):
+        fxa.XLoraConfig(adapters={"math": tmp_path})
+
+
+def test_non_lora_adapter_is_refused(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "ROAD", "variant": "road_1"}))
+    with pytest.raises(ValueError, match="'math'.*peft_type is 'ROAD'"):
+        fxa.XLoraConfig(adapters={"math": tmp_path})
+
+
+def test_dora_expert_is_refused(setup, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    _, _, dirs = setup
+    dora = LoraConfig(r=2, use_dora=True, target_modules=["q_proj"])
+    get_peft_model(build_hf("llama"), dora).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="'dora'.*DoRA.*not support"):
+        fxa.XLoraConfig(adapters={"ok": dirs[0], "dora": tmp_path})
+
+
+@pytest.mark.parametrize("top_k", [0, 4, 1.5])
+def test_top_k_out_of_range_is_refused(setup, top_k):
+    _, _, dirs = setup
+    with pytest.raises(ValueError, match=r"top_k_lora must be None or an integer in \[1, 3\]"):
+        fxa.XLoraConfig(adapters={str(i): d for i, d in enumerate(dirs)}, top_k_lora=top_k)
+
+
+def test_softmax_topk_without_top_k_is_refused(setup):
+    with pytest.raises(ValueError, match="enable_softmax_topk=True needs top_k_lora"):
+        fxa.XLoraConfig(adapters={"a": setup[2][0]}, enable_softmax_topk=True)
+
+
+def test_bad_set_topk_lora_is_refused_and_changes_nothing(setup):
+    xm = build(setup, top_k_lora=1, enable_softmax_topk=True)
+    before = snapshot(xm)
+    for value in (0, 4, None):
+        with pytest.raises(ValueError, match="set_topk_lora"):
+            xm.set_topk_lora(value)
+    assert_unchanged(xm, before)
+
+
+def test_expert_of_another_model_is_refused(setup, tmp_path):
+    import transformers as tf
+
+    model, captured, dirs = setup
+    other = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+    save_experts(other, tmp_path, specs=[dict(r=2, target_modules=["q_proj"])])
+    config = fxa.XLoraConfig(adapters={"ok": dirs[0], "small": tmp_path / "expert0"})
+    with pytest.raises(ValueError, match=r"'small'.*'model.layers.0.self_attn.q_proj' is 64→64 in the model but the "
+                                         r"expert's LoRA weights are 32→32"):
+        fxa.XLoraModule.from_captured(model, captured, config)
+
+
+def test_expert_on_a_module_that_is_no_layer_is_refused(setup):
+    model, captured, dirs = setup
+    state = {"base_model.model.model.norm.lora_A.weight": torch.zeros(2, 64),
+             "base_model.model.model.norm.lora_B.weight": torch.zeros(64, 2)}
+    config = fxa.XLoraConfig(adapters={"ok": dirs[0], "norm": ({"peft_type": "LORA", "r": 2}, state)})
+    with pytest.raises(ValueError, match="'norm'.*'model.norm', a LlamaRMSNorm the graph does not call as a linear"):
+        fxa.XLoraModule.from_captured(model, captured, config)
+
+
+def test_expert_with_other_base_embedding_weights_is_refused(setup):
+    model, captured, dirs = setup
+    state = {"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(2, 128),
+             "base_model.model.model.embed_tokens.lora_embedding_B": torch.zeros(64, 2),
+             "base_model.model.model.embed_tokens.base_layer.weight": torch.zeros(128, 64)}
+    config = fxa.XLoraConfig(adapters={"ok": dirs[0], "emb": ({"peft_type": "LORA", "r": 2}, state)})
+    with pytest.raises(ValueError, match="'emb'.*base weights for 'model.embed_tokens'.*not the model's"):
+        fxa.XLoraModule.from_captured(model, captured, config)
+
+
+def test_wrong_hidden_size_is_refused(setup):
+    model, captured, dirs = setup
+    with pytest.raises(ValueError, match="hidden_size=4096 but .*'lm_head', which has 64 features"):
+        fxa.XLoraModule.from_captured(model, captured, fxa.XLoraConfig(adapters={"a": dirs[0]}, hidden_size=4096))
+
+
+def test_pickled_expert_weights_are_refused(setup, tmp_path):
+    _, _, dirs = setup
+    (tmp_path / "adapter_config.json").write_text((dirs[0] / "adapter_config.json").read_text())
+    (tmp_path / "adapter_model.bin").write_bytes(b"")
+    model, captured, _ = setup
+    with pytest.raises(FileNotFoundError, match="pickle.*safe_serialization=True"):
+        fxa.XLoraModule.from_captured(model, captured, fxa.XLoraConfig(adapters={"a": tmp_path}))
