@@ -21,6 +21,8 @@ from torch.export import Dim
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from .merge import MergeMixin
+from .passes.fold import QUANTIZED_KINDS
+from .passes.match import layer_kind
 
 __all__ = ["export"]
 
@@ -42,12 +44,16 @@ def export(module: torch.nn.Module, path: str | os.PathLike, example_inputs: tup
     bound like the folded module's inputs, are optional for graphs captured by ``torch.export`` (every
     transformers model: ones of the captured example shapes are used); a module captured by symbolic
     tracing needs them, and every dim of its inputs is then exported as ``Dim.AUTO``.
+
+    A model with bitsandbytes layers cannot be exported (``torch.export`` cannot trace them): ``ValueError``.
     """
     if isinstance(module, MergeMixin):
+        _refuse_quantized(module.graph_module)
         module = module.fold()
     if not isinstance(module, torch.fx.GraphModule):
         raise TypeError(f"export: expected an AdaptedModule or the GraphModule of am.fold(), got "
                         f"{type(module).__name__}")
+    _refuse_quantized(module)
     adapted = [n.name for n in module.graph.nodes if "fx_adapters" in n.meta]
     if adapted:
         raise ValueError(f"export: this graph still applies adapters (nodes {adapted[:3]}); pass the AdaptedModule "
@@ -72,3 +78,16 @@ def export(module: torch.nn.Module, path: str | os.PathLike, example_inputs: tup
         program = torch.export.export(module, tuple(args), dynamic_shapes=tuple(dims), strict=False)
     torch.export.save(program, path)
     return Path(path)
+
+
+def _refuse_quantized(gm: torch.fx.GraphModule) -> None:
+    """Raise before ``torch.export`` fails deep inside bitsandbytes on a quantized layer."""
+    for node in gm.graph.find_nodes(op="call_module"):
+        layer = gm.get_submodule(node.target)
+        if layer_kind(type(layer)) in QUANTIZED_KINDS:
+            raise ValueError(
+                f"export: layer {node.target!r} is a bitsandbytes {type(layer).__name__}, which torch.export cannot "
+                "trace, so a quantized model cannot be written as a .pt2. Export it in floating point instead: load "
+                "the model without quantization_config, compile_with_road it, load this adapter into it "
+                "(am.save_adapter(dir), then load_adapter(dir)) and export that; or use am.fold() in Python"
+            )

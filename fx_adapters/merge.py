@@ -87,16 +87,18 @@ class MergeMixin:
         self._merged += merges
         self._unsaved += (originals,)
 
-    def unmerge(self) -> None:
+    def unmerge(self, exact: bool = True) -> None:
         """Undo every merge, last first, by the inverse of the rotations merged (their ``(2, out)`` columns are
         kept from merge time: later changes to the adapter parameters do not matter).
 
+        bitsandbytes layers: ``exact=True`` puts back the quantized layers from before the merge, bit for bit;
+        ``exact=False`` requantizes ``R⁻¹`` times their dequantized merged weights, as PEFT (rounds again).
         Raises ``NotInvertibleError`` naming the layer (weights unchanged) when a merged rotation is singular.
         """
         if not self._merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        inverse = [fold.inverse() for _, folds in reversed(self._merged) for fold in reversed(folds)]
+        inverse = [fold.inverse(exact) for _, folds in reversed(self._merged) for fold in reversed(folds)]
         RotateWeights(inverse)(self.graph_module)
         for originals in reversed(self._unsaved):
             _assign_all(self.graph_module, originals)
@@ -160,13 +162,15 @@ def _assign_all(gm: torch.fx.GraphModule, tensors: dict[str, torch.Tensor]) -> N
         assign_tensor(gm, fqn, tensor)
 
 
-def unfold(folded: torch.fx.GraphModule, am: MergeMixin, adapter_name: str | Sequence[str] | None = None
-           ) -> torch.fx.GraphModule:
+def unfold(folded: torch.fx.GraphModule, am: MergeMixin, adapter_name: str | Sequence[str] | None = None,
+           exact: bool = True) -> torch.fx.GraphModule:
     """The base model back from ``folded = am.fold(adapter_name)``: a copy whose folded weights are recovered
     with the inverse rotations of ``am``'s parameters for those adapters (last first); every other tensor is
     shared.
 
     ``adapter_name`` (a name or a list) defaults to what ``fold`` recorded, else ``am``'s active adapters.
+    bitsandbytes layers: ``exact=True`` gives back layers holding ``am``'s own quantized weights (shared, bit for
+    bit), ``exact=False`` requantizes ``R⁻¹`` times the dequantized folded weights (rounds again).
     Raises ``NotInvertibleError`` naming the layer when a rotation is singular; ``folded`` is never modified.
     """
     recorded = folded.meta.get(FOLDED_ADAPTER)
@@ -175,5 +179,5 @@ def unfold(folded: torch.fx.GraphModule, am: MergeMixin, adapter_name: str | Seq
         raise ValueError(f"unfold: this module was folded with adapters {list(recorded)}, not {names}; "
                          f"unfolding it with others would give wrong weights")
     base = copy_graph_module(folded)
-    RotateWeights([fold.inverse() for name in reversed(names) for fold in reversed(am._folds(name))])(base)
+    RotateWeights([fold.inverse(exact) for name in reversed(names) for fold in reversed(am._folds(name))])(base)
     return base

@@ -264,11 +264,11 @@ def test_unmerge_of_a_non_invertible_rotation_raises_and_keeps_the_merged_weight
     assert all(weights(am)[n] is p for n, p in merged.items()) and am.merged_adapters == ["default"]
 
 
-def test_merging_quantized_layers_is_refused_naming_the_layer(adapted):
+def test_a_quantized_target_that_is_not_a_quantized_layer_is_refused_naming_the_layer(adapted):
     _, am = adapted("mlp")
     fold = Fold(Target("lin0", "bnb4", 10, 20, True, ("lin0",)), road_columns("road_1", 2, torch.ones(10),
                                                                              torch.ones(10)), 2, "q")
-    with pytest.raises(NotImplementedError, match="'lin0' is a bnb4 layer"):
+    with pytest.raises(TypeError, match="'lin0' is a bnb4 target: expected a bitsandbytes .* got Linear"):
         RotateWeights([fold])(am.graph_module)
 
 

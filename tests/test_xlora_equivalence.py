@@ -141,3 +141,24 @@ def test_layers_peft_xlora_cannot_run_match_an_eager_oracle(arch, specs, tmp_pat
     assert not torch.allclose(expected, logits(model, ids), atol=1e-3)
     torch.testing.assert_close(logits(xm, ids), expected, atol=ATOL, rtol=0)
     torch.testing.assert_close(xm.get_latest_scalings(), scalings, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("quantization", [dict(load_in_8bit=True),
+                                          dict(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_compute_dtype=torch.float32)], ids=["int8", "nf4"])
+def test_quantized_base_models_match_an_eager_oracle(quantization, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    build_hf("llama").save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map="cpu",
+                                                 quantization_config=BitsAndBytesConfig(**quantization))
+    # PEFT's X-LoRA raises TypeError (bitsandbytes layers get a `scalings` keyword they do not take)
+    dirs = save_experts(build_hf("llama"), tmp_path, specs=[dict(r=4, target_modules=["q_proj", "v_proj"]),
+                                                           dict(r=2, target_modules=["v_proj", "down_proj"])])
+    xm = fxa.compile_with_xlora(model, fxa.XLoraConfig(adapters={"a": dirs[0], "b": dirs[1]}))
+    ids, _ = token_batch(2, 6, seed=4)
+    expected, scalings = eager_xlora(model, xm, dirs, ids)
+    assert not torch.allclose(expected, logits(model, ids), atol=1e-3)
+    torch.testing.assert_close(logits(xm, ids), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(xm.get_latest_scalings(), scalings, atol=ATOL, rtol=0)

@@ -10,7 +10,11 @@ sequence dims, ``use_cache=False``); other modules with ``torch.fx`` symbolic tr
   objects sharing storage with the model, and ``node.meta["nn_module_stack"]`` paths are relative to the
   model. The caller's model is never modified.
 * Exported graphs are traced in eval mode under ``torch.no_grad()``: dropout inside the model is gone and
-  ``.train()``/``.eval()`` only affect ``call_module`` nodes added later; autograd works as usual.
+  ``.train()``/``.eval()`` only affect ``call_module`` nodes; autograd works as usual.
+* bitsandbytes ``Linear8bitLt`` / ``Linear4bit`` layers stay opaque: ``call_module`` nodes of the (copied)
+  quantized layer in either graph. ``torch.export`` cannot trace them, so while it runs each one is replaced by
+  a stand-in calling the custom op ``fx_adapters::bnb_linear`` (output shape from a fake implementation),
+  and every call of that op becomes a ``call_module`` of the real layer afterwards.
 
 Example::
 
@@ -28,10 +32,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -152,6 +158,45 @@ def _bnb_linear_types() -> tuple[type, ...]:
     return (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit) if bnb is not None else ()
 
 
+@torch.library.custom_op("fx_adapters::bnb_linear", mutates_args=())
+def _bnb_linear(x: torch.Tensor, path: str, out_features: int) -> torch.Tensor:
+    """What ``torch.export`` records for a call of the bitsandbytes layer at ``path`` (never run)."""
+    raise RuntimeError(f"fx_adapters::bnb_linear stands for layer {path!r} only while a model is captured; "
+                       "run the captured graph module, which calls the layer itself")
+
+
+@_bnb_linear.register_fake
+def _(x: torch.Tensor, path: str, out_features: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))  # both layer types return the input's dtype
+
+
+_bnb_linear_op = torch.ops.fx_adapters.bnb_linear.default
+
+
+class _BnbStandIn(nn.Module):
+    """Holds the place of a bitsandbytes layer during ``torch.export``: no parameters, one opaque op."""
+
+    def __init__(self, path: str, out_features: int):
+        super().__init__()
+        self.path, self.out_features = path, out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _bnb_linear(x, self.path, self.out_features)
+
+
+@contextlib.contextmanager
+def _bnb_stand_ins(model: nn.Module) -> Iterator[dict[str, nn.Module]]:
+    """Within the block ``model``'s bitsandbytes layers are stand-ins; yields {path: real layer}."""
+    layers = {path: m for path, m in model.named_modules() if isinstance(m, _bnb_linear_types())}
+    for path, layer in layers.items():
+        model.set_submodule(path, _BnbStandIn(path, layer.out_features))
+    try:
+        yield layers
+    finally:
+        for path, layer in layers.items():
+            model.set_submodule(path, layer)
+
+
 def _symbolic_trace(model: nn.Module) -> CapturedModel:
     owned = _owned_copy(model)
     graph = _Tracer().trace(owned)
@@ -223,7 +268,7 @@ def _export(model: nn.Module, example_inputs, example_kwargs, hf: bool) -> Captu
 
     owned = _owned_copy(model).eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _bnb_stand_ins(owned) as bnb_layers:
             ep = torch.export.export(
                 _Inputs(owned, names, fixed),
                 tuple(arguments[n] for n in names),
@@ -239,19 +284,21 @@ def _export(model: nn.Module, example_inputs, example_kwargs, hf: bool) -> Captu
         raise _capture_error(model, "torch.export.export", e, hint) from e
 
     exported = ep.module(check_guards=False)
-    gm, out_spec = _flat_graph_module(exported, names, ep.call_spec.out_spec, type(model).__name__)
+    gm, out_spec = _flat_graph_module(exported, names, ep.call_spec.out_spec, type(model).__name__, bnb_layers)
     _mark_non_persistent_buffers(gm, owned)
     gm.train(model.training)
     return CapturedModel(gm, names, out_spec, "export", signature)
 
 
 def _flat_graph_module(
-    exported: torch.fx.GraphModule, names: tuple[str, ...], out_spec: pytree.TreeSpec, class_name: str
+    exported: torch.fx.GraphModule, names: tuple[str, ...], out_spec: pytree.TreeSpec, class_name: str,
+    bnb_layers: dict[str, nn.Module],
 ) -> tuple[torch.fx.GraphModule, pytree.TreeSpec]:
     """Copy ``ep.module()``'s graph into a plain GraphModule relative to the wrapped model.
 
     Placeholders are renamed after ``names``, the output returns the flat tensor leaves (no pytree
-    codegen), and the ``_Inputs`` wrapper is stripped from get_attr targets and ``nn_module_stack`` paths.
+    codegen), the ``_Inputs`` wrapper is stripped from get_attr targets and ``nn_module_stack`` paths, and
+    each ``fx_adapters::bnb_linear`` call becomes a ``call_module`` of its layer in ``bnb_layers``.
     """
     graph, env, attrs = torch.fx.Graph(), {}, {}
     for node, name in zip(exported.graph.find_nodes(op="placeholder"), names, strict=True):
@@ -268,6 +315,11 @@ def _flat_graph_module(
             new = graph.get_attr(_unwrap(node.target))
             new.meta = dict(node.meta)
             attrs[new.target] = functools.reduce(getattr, node.target.split("."), exported)
+        elif node.target is _bnb_linear_op:
+            x, path, _ = node.args
+            new = graph.call_module(path, (env[x],))
+            new.meta = dict(node.meta)
+            attrs[path] = bnb_layers[path]
         else:
             new = graph.node_copy(node, env.__getitem__)
         env[node] = new
@@ -277,6 +329,9 @@ def _flat_graph_module(
                 for key, (path, cls) in node.meta["nn_module_stack"].items()
                 if path  # the `_Inputs` wrapper itself
             }
+            if new.op == "call_module":  # name the real layer's class, not the stand-in's
+                key, (path, _) = next(reversed(new.meta["nn_module_stack"].items()))
+                new.meta["nn_module_stack"][key] = (path, _class_name(type(attrs[path])))
     return torch.fx.GraphModule(attrs, graph, class_name), out_spec
 
 

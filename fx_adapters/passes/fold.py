@@ -17,6 +17,11 @@ True
 >>> torch.allclose(unfold_weight(weight, bias, cols, 4)[0], layer.weight, atol=1e-6)
 True
 
+bitsandbytes 8-bit / 4-bit layers are folded as whole layers: dequantize → ``R·W`` (and ``R·b``) → a new
+layer requantized with the old one's settings (``runtime/quantized.py``). Undoing such folds puts the
+original layer back bit for bit while it is kept (``Fold.inverse(exact=True)``, the default), else applies
+``R⁻¹`` to the dequantized weight and requantizes.
+
 Passes (each in place on the graph module it is given; see ``copy_graph_module`` for a copy to run them on):
 ``StripRoad`` removes every RoAd node, ``RotateWeights`` replaces weights by rotated copies, ``PlainOutput``
 makes the graph return built-in containers.
@@ -25,20 +30,24 @@ makes the graph return built-in containers.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from ..runtime import quantized
 from ..runtime.rotation import determinants, invert, rotate
 from .capture import _Constant, _mark_non_persistent_buffers
 from .match import Target
 from .rewrite import ADAPTERS_ATTR, INDEX_INPUT
 
 WEIGHT_KINDS = ("linear", "conv1d")
+QUANTIZED_KINDS = ("bnb8", "bnb4")  # folded as whole layers by RotateWeights
 _CHUNK_ELEMENTS = 1 << 22  # fp32 scratch per chunk when a fp16/bf16 weight is rotated in fp32
 
 
@@ -55,9 +64,9 @@ def _output_axis_last(weight: torch.Tensor, kind: str) -> torch.Tensor:
         return weight.t()
     if kind == "conv1d":
         return weight
-    if kind in ("bnb8", "bnb4"):
-        raise NotImplementedError(f"folding into bitsandbytes {kind} weights is not supported; use the adapter "
-                                  "unmerged, or fold it on a model that is not quantized")
+    if kind in QUANTIZED_KINDS:
+        raise TypeError(f"{kind} weights are packed: pass fx_adapters.runtime.quantized.dequantize(layer) with "
+                        "kind='linear' (RotateWeights folds into bitsandbytes layers this way)")
     raise ValueError(f"unknown layer kind {kind!r}; expected one of {WEIGHT_KINDS}")
 
 
@@ -122,11 +131,16 @@ class Fold:
     cols: torch.Tensor
     group_size: int
     adapter: str
+    undo: Literal["exact", "inverse"] | None = None
+    """None for a fold. For one that undoes an earlier fold (``inverse()``): ``"exact"`` puts a bitsandbytes layer
+    back as it was when all its folds are undone and the original is kept, else applies ``R⁻¹`` like ``"inverse"``
+    (dense weights are always undone by ``R⁻¹``)."""
 
-    def inverse(self) -> Fold:
+    def inverse(self, exact: bool = True) -> Fold:
         """The fold that undoes this one; raises ``NotInvertibleError`` naming the layer and adapter."""
         where = f"adapter {self.adapter!r} on layer {self.target.name!r}"
-        return Fold(self.target, inverse_columns(self.cols, self.group_size, where), self.group_size, self.adapter)
+        return Fold(self.target, inverse_columns(self.cols, self.group_size, where), self.group_size, self.adapter,
+                    "exact" if exact else "inverse")
 
 
 def _own_copy(module: nn.Module) -> nn.Module:
@@ -181,9 +195,12 @@ class RotateWeights(PassBase):
     """Replace the weight and bias of each fold's layer by rotated copies, folds applied in order.
 
     The tensors in the graph module are never written (they may share storage with the caller's model).
-    Every new tensor is computed, and checked finite when ``check_finite``, before any is assigned: on an
-    error the graph module is unchanged. The graph itself is not changed: call it directly rather than
-    through ``run_passes`` (whose PassManager re-raises every error as a bare ``Exception``).
+    A bitsandbytes layer is replaced by a new layer: its folds are applied to its dequantized weight, which is
+    requantized once (one ``UserWarning`` per call says that this rounds), or, for exact undos, the original
+    layer is put back (see ``Fold.undo``). Everything is computed, and checked finite when ``check_finite``,
+    before anything is assigned: on an error the graph module is unchanged. The graph itself is not changed:
+    call it directly rather than through ``run_passes`` (whose PassManager re-raises every error as a bare
+    ``Exception``).
     """
 
     def __init__(self, folds: Sequence[Fold], check_finite: bool = False):
@@ -193,24 +210,56 @@ class RotateWeights(PassBase):
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         for fold in self.folds:
-            if fold.target.kind not in WEIGHT_KINDS:
+            if fold.target.kind not in WEIGHT_KINDS + QUANTIZED_KINDS:
                 raise NotImplementedError(
                     f"layer {fold.target.name!r} is a {fold.target.kind} layer: merging or folding adapter "
                     f"{fold.adapter!r} into its weights is not supported; use the adapter unmerged"
                 )
         new: dict[str, torch.Tensor] = {}
+        quantized_folds: dict[str, list[Fold]] = {}
         for fold in self.folds:
             name = fold.target.name
+            if fold.target.kind in QUANTIZED_KINDS:
+                quantized_folds.setdefault(name, []).append(fold)
+                continue
             keys = (f"{name}.weight", f"{name}.bias" if fold.target.has_bias else None)
             weight, bias = (None if key is None else new.get(key, _tensor(graph_module, key, name)) for key in keys)
             weight, bias = fold_weight(weight, bias, fold.cols, fold.group_size, fold.target.kind)
-            if self.check_finite and not all(t is None or torch.isfinite(t).all() for t in (weight, bias)):
-                raise ValueError(f"safe_merge: adapter {fold.adapter!r} gives non-finite (NaN/inf) weights on layer "
-                                 f"{name!r}; nothing was merged. The adapter seems broken: check its parameters")
+            self._check_finite(fold, weight, bias)
             new.update((key, t) for key, t in zip(keys, (weight, bias)) if key is not None)
+        layers = {name: self._fold_layer(graph_module.get_submodule(name), folds)
+                  for name, folds in quantized_folds.items()}
         for key, value in new.items():
             assign_tensor(graph_module, key, value)
-        return PassResult(graph_module, bool(new))
+        for name, (layer, _) in layers.items():
+            graph_module.set_submodule(name, layer)
+        requantized = [name for name, (_, rounded) in layers.items() if rounded]
+        if requantized:
+            warnings.warn(f"requantizing {len(requantized)} bitsandbytes layer(s) ({', '.join(requantized[:3])}"
+                          f"{', …' if len(requantized) > 3 else ''}) rounds the rotated weights to their quantization "
+                          "grid: outputs differ slightly from the unmerged adapter's", UserWarning, stacklevel=4)
+        return PassResult(graph_module, bool(new or layers))
+
+    def _fold_layer(self, layer: nn.Module, folds: Sequence[Fold]) -> tuple[nn.Module, bool]:
+        """The layer replacing bitsandbytes ``layer`` after ``folds``, and whether it was requantized (else restored)."""
+        net = sum(-1 if fold.undo else 1 for fold in folds)
+        if all(fold.undo == "exact" for fold in folds):
+            original = quantized.restorable(layer, undone=-net)
+            if original is not None:
+                return original, False
+        try:
+            weight, bias = quantized.dequantize(layer), layer.bias
+        except TypeError as e:
+            raise TypeError(f"layer {folds[0].target.name!r} is a {folds[0].target.kind} target: {e}") from None
+        for fold in folds:
+            weight, bias = fold_weight(weight, bias, fold.cols, fold.group_size)
+            self._check_finite(fold, weight, bias)
+        return quantized.requantize(layer, weight, bias, folds=net), True
+
+    def _check_finite(self, fold: Fold, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        if self.check_finite and not all(t is None or torch.isfinite(t).all() for t in (weight, bias)):
+            raise ValueError(f"safe_merge: adapter {fold.adapter!r} gives non-finite (NaN/inf) weights on layer "
+                             f"{fold.target.name!r}; nothing was merged. The adapter seems broken: check its parameters")
 
 
 class StripRoad(PassBase):
