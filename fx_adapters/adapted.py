@@ -14,8 +14,8 @@ True
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
