@@ -1,0 +1,282 @@
+"""The ``fx-adapters`` command line, run in subprocesses on tiny models saved to a temporary directory.
+
+Each command line runs once per session (``cli`` caches by arguments; ``test_readme.py`` shares the cache). The
+module's fixture starts them all, a few processes at a time, so their start-up (~3 s each) and work overlap.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+import torch
+from peft import RoadConfig
+from safetensors.torch import load_file, save_file
+
+from conftest import build_hf, peft_road, token_batch
+
+HAS_BNB = find_spec("bitsandbytes") is not None
+needs_bnb = pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes")
+WORKERS = min(4, max(2, os.cpu_count() or 2))  # the commands run this many at a time
+Q_PROJ = "model.layers.0.self_attn.q_proj"
+UP_PROJ = "model.layers.1.mlp.up_proj.weight"  # missing from incomplete-llama's checkpoint
+BATCH = token_batch(3, 7, left_pad=2)  # (input_ids, attention_mask) the outputs are compared on
+
+DEMO = ("demo",)
+INSPECT = ("inspect", "my-llama", "--target-modules", "all-linear", "--exclude", "down_proj")
+INSPECT_4BIT = ("inspect", "my-llama", "--load-in-4bit", "--quiet")
+MERGE = ("merge", "my-llama", "my-road-adapter", "--out", "merged.pt2", "--save-pretrained", "merged-llama")
+MERGE_OTHER = ("merge", "my-llama", "my-road-adapter", "--adapter-name", "other", "--dtype", "bfloat16",
+               "--out", "other.pt2", "--quiet")
+CHECK = ("check", "my-llama", "my-road-adapter", "--examples", "10")
+CHECK_UNPREFIXED = ("check", "my-llama", "unprefixed-adapter", "--examples", "5", "--quiet")
+ERRORS = {  # command line -> the one line it prints
+    "missing directory": (("merge", "no-such-model", "my-road-adapter", "--out", "x.pt2"),
+                          "no-such-model: no such directory (expected a local transformers model directory)"),
+    "not a model": (("inspect", "my-road-adapter"),
+                    "my-road-adapter: not a transformers model directory (no config.json)"),
+    "adapter that does not fit": (("merge", "my-llama", "opt-adapter", "--out", "x.pt2"),
+                                  "load_adapter(opt-adapter): the checkpoint does not fit this model: 8 unexpected "
+                                  "key(s) ['base_model.model.model.decoder.layers.0"),
+    "nothing matched": (("inspect", "my-llama", "--target-modules", "qkv"),
+                        "no linear-like layer matched target_modules=['qkv']; candidates are, e.g.: "
+                        "model.layers.0.self_attn.q_proj"),
+    "tied weight": (("merge", "my-gpt2", "gpt2-head-adapter", "--out", "x.pt2", "--save-pretrained", "gpt2-merged"),
+                    "--save-pretrained: the adapter rotates 'lm_head', whose weight the model ties to another"),
+    "not a .pt2 file": (("merge", "my-llama", "my-road-adapter", "--out", "merged"),
+                        "--out merged: the file name must end in .pt2 (torch.export's archive format)"),
+    "overwriting the model": (("merge", "my-llama", "my-road-adapter", "--out", "x.pt2", "--save-pretrained",
+                               "my-llama"), "--save-pretrained my-llama: that is MODEL_DIR; choose another directory"),
+}
+DEBUG = ("inspect", "my-road-adapter", "--debug")
+INSPECT_INCOMPLETE = ("inspect", "incomplete-llama", "--quiet")
+COMMANDS = [MERGE, MERGE_OTHER, CHECK, CHECK_UNPREFIXED, *([INSPECT_4BIT] if HAS_BNB else []), INSPECT,  # longest first
+            INSPECT_INCOMPLETE, *(argv for argv, _ in ERRORS.values()), DEBUG]
+
+_pool = ThreadPoolExecutor(WORKERS)
+_runs: dict[tuple[str, ...], Future] = {}
+
+
+def workspace(tmp_path_factory, start_first: tuple[tuple[str, ...], ...] = ()) -> Path:
+    """The directory the commands run in (built once per session): tiny models and PEFT RoAd adapters.
+
+    ``start_first``: command lines that need none of these files, started before they are built.
+    """
+    root = tmp_path_factory.getbasetemp() / "cli"
+    if root.exists():
+        return root
+    root.mkdir()
+    for argv in start_first:
+        cli(root, *argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's notes on GPT-2's tied lm_head
+        llama = build_hf("llama")
+        llama.save_pretrained(root / "my-llama")
+        (root / "my-llama" / "tokenizer_config.json").write_text("{}")  # stands for the files merge copies over
+        shutil.copytree(root / "my-llama", root / "incomplete-llama")
+        weights = root / "incomplete-llama" / "model.safetensors"
+        save_file({k: v for k, v in load_file(weights).items() if k != UP_PROJ}, weights, metadata={"format": "pt"})
+        peft_model = peft_road(llama, group_size=8, target_modules=["q_proj", "v_proj"], init_weights=False)
+        peft_model.add_adapter("other", RoadConfig(variant="road_2", group_size=4, init_weights=False,
+                                                   target_modules=["o_proj", "down_proj"]))
+        peft_model.save_pretrained(root / "my-road-adapter")  # "other" goes to my-road-adapter/other
+        # PEFT ignores tensors without its `base_model.model.` prefix (warning of missing keys); fx_adapters reads them
+        shutil.copytree(root / "my-road-adapter", root / "unprefixed-adapter")
+        weights = root / "unprefixed-adapter" / "adapter_model.safetensors"
+        save_file({k.removeprefix("base_model.model."): v for k, v in load_file(weights).items()}, weights)
+        opt_adapter = peft_road(build_hf("opt"), group_size=8, target_modules=["q_proj", "v_proj"])
+        opt_adapter.save_pretrained(root / "opt-adapter")
+        gpt2 = build_hf("gpt2")  # ties lm_head to the input embeddings
+        gpt2.save_pretrained(root / "my-gpt2")
+        peft_road(gpt2, group_size=8, target_modules=["lm_head"]).save_pretrained(  # without a copy of lm_head
+            root / "gpt2-head-adapter", save_embedding_layers=False)
+    return root
+
+
+def cli(root: Path, *args: str) -> Future:
+    """``python -m fx_adapters *args`` in ``root``, started once per session; the future of its CompletedProcess."""
+    if args not in _runs:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread each, several processes at once
+        _runs[args] = _pool.submit(_run, root, args, env)
+    return _runs[args]
+
+
+def _run(root: Path, args: tuple[str, ...], env: dict) -> subprocess.CompletedProcess:
+    """Decoded by hand: text mode would turn the progress bars' carriage returns into newlines."""
+    result = subprocess.run([sys.executable, "-m", "fx_adapters", *args], cwd=root, capture_output=True, env=env)
+    return subprocess.CompletedProcess(result.args, result.returncode, result.stdout.decode(), result.stderr.decode())
+
+
+def visible_lines(text: str) -> list[str]:
+    """What a terminal shows: the text after each line's last carriage return (progress bars), non-blank."""
+    return [shown for line in text.split("\n") if (shown := line.rsplit("\r", 1)[-1]).strip()]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    root = workspace(tmp_path_factory, start_first=(DEMO,))
+    for argv in COMMANDS:
+        cli(root, *argv)
+    yield root
+    for args in [args for args, run in _runs.items() if run.cancel()]:  # not started: no selected test needs it
+        del _runs[args]
+
+
+def ok(root: Path, *args: str) -> str:
+    """stdout of a command that must succeed."""
+    result = cli(root, *args).result()
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@functools.cache
+def peft_logits(root: Path, adapter: str = "my-road-adapter", dtype=torch.float32) -> torch.Tensor:
+    """The oracle on ``BATCH``: PEFT's model with the adapter directory loaded on the saved base model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(root / "my-llama", dtype=dtype)
+    with torch.no_grad():
+        return PeftModel.from_pretrained(base, root / adapter).eval()(*BATCH).logits
+
+
+# --------------------------------------------------------------------------------------------------- demo
+
+
+def test_demo_tour_prints_the_matched_layers_and_passes_its_checks(ws):
+    out = ok(ws, *DEMO)
+    assert "model.layers.1.self_attn.v_proj  linear   64   32  math, code" in out
+    assert "Mixed batch ['math', 'code', '__base__'], one graph call: max abs diff to one-adapter runs" in out
+    assert "outputs match" in out
+
+
+def test_demo_exports_to_a_temporary_directory_it_removes(ws):
+    out = ok(ws, *DEMO)
+    path = next(word for word in out.split() if word.endswith(".pt2"))
+    assert "(a temporary directory, removed at exit" in out and not Path(path).exists()
+
+
+def test_demo_out_keeps_a_pt2_that_loads(tmp_path):
+    """In this process: the tour's work is the same as in a subprocess, without the start-up."""
+    from fx_adapters.cli._common import UI
+    from fx_adapters.demo import run
+
+    assert run(UI(quiet=True), str(tmp_path / "out")) == 0
+    assert torch.export.load(tmp_path / "out" / "demo.pt2").module()(*BATCH)["logits"].shape == (3, 7, 256)
+
+
+def test_progress_bars_show_unless_quiet(ws):
+    assert "steps [" in cli(ws, *MERGE).result().stderr
+    assert cli(ws, *MERGE_OTHER).result().stderr == ""
+
+
+@pytest.mark.parametrize("argv", [DEMO, INSPECT, pytest.param(INSPECT_4BIT, marks=needs_bnb), MERGE, MERGE_OTHER,
+                                  CHECK, CHECK_UNPREFIXED], ids=" ".join)
+def test_runs_print_no_third_party_noise(ws, argv):
+    """Nothing from transformers, torch, PEFT or bitsandbytes (its `kernels` notice); bars clear themselves."""
+    assert visible_lines(cli(ws, *argv).result().stderr) == []
+
+
+# ------------------------------------------------------------------------------------------------ inspect
+
+
+def test_inspect_lists_every_linear_layer_and_why_it_is_not_matched(ws):
+    rows = {line.split()[0]: line.split(maxsplit=5)[1:] for line in ok(ws, *INSPECT).splitlines()[1:-1]}
+    assert len(rows) == 15
+    assert rows[Q_PROJ] == ["linear", "64", "64", "yes"]
+    assert rows["model.layers.1.mlp.down_proj"] == ["linear", "128", "64", "no", "excluded by exclude_modules"]
+    assert rows["lm_head"] == ["linear", "64", "128", "no", "output head (never targeted by 'all-linear')"]
+
+
+@needs_bnb
+def test_inspect_loads_4bit_layers_with_peft_default_targets(ws):
+    out = ok(ws, *INSPECT_4BIT)
+    assert f"{Q_PROJ}  bnb4" in out
+    assert "4 of 15 linear-like layers of LlamaForCausalLM match PEFT's default target_modules for llama" in out
+
+
+def test_weights_missing_from_the_checkpoint_are_one_warning_line(ws):
+    result = cli(ws, *INSPECT_INCOMPLETE).result()
+    assert result.returncode == 0
+    assert result.stderr == (f"fx-adapters: warning: incomplete-llama: 1 weight(s) of LlamaForCausalLM are not in the "
+                             f"checkpoint and were initialized randomly, e.g. {UP_PROJ}\n")
+
+
+# -------------------------------------------------------------------------------------------------- merge
+
+
+def test_merge_verifies_the_export_against_the_unmerged_model(ws):
+    assert "Export vs the unmerged model on a random (2, 12) batch: max abs diff" in ok(ws, *MERGE)
+
+
+def test_merged_pt2_computes_what_peft_computes(ws):
+    ok(ws, *MERGE)
+    got = torch.export.load(ws / "merged.pt2").module()(*BATCH)["logits"]
+    torch.testing.assert_close(got, peft_logits(ws), atol=1e-5, rtol=0)
+
+
+def test_saved_checkpoint_loads_with_from_pretrained_and_computes_what_peft_computes(ws):
+    from transformers import AutoModelForCausalLM
+
+    ok(ws, *MERGE)
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(ws / "merged-llama")(*BATCH).logits
+    torch.testing.assert_close(got, peft_logits(ws), atol=1e-5, rtol=0)
+    assert (ws / "merged-llama" / "tokenizer_config.json").is_file()
+
+
+def test_merge_adapter_name_picks_the_adapter_peft_saved_under_that_name(ws):
+    ok(ws, *MERGE_OTHER)
+    got = torch.export.load(ws / "other.pt2").module()(*BATCH)["logits"].float()
+    want = peft_logits(ws, "my-road-adapter/other", torch.bfloat16).float()
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=0)  # bfloat16: folding rounds once per weight
+    assert (got - peft_logits(ws)).abs().max() > 0.1  # not the default adapter
+
+
+def test_merge_dtype_sets_the_exported_weights_dtype(ws):
+    ok(ws, *MERGE_OTHER)
+    program = torch.export.load(ws / "other.pt2")
+    assert {p.dtype for p in program.state_dict.values() if p.is_floating_point()} == {torch.bfloat16}
+
+
+# -------------------------------------------------------------------------------------------------- check
+
+
+def test_check_passes_and_tabulates_the_cases(ws):
+    lines = ok(ws, *CHECK).splitlines()
+    assert lines[1].split() == ["case", "batch", "seq", "padding", "max", "abs", "err", "result"]
+    assert [row.split()[-1] for row in lines[2:-1]] == ["ok"] * 10
+    assert lines[-1] == "All 10 cases equivalent."
+
+
+def test_check_names_the_first_diverging_layer_when_peft_reads_the_adapter_differently(ws):
+    result = cli(ws, *CHECK_UNPREFIXED).result()
+    assert result.returncode == 1
+    assert "PEFT warned while loading the adapter: Found missing adapter keys" in result.stdout
+    assert f"first diverging module: '{Q_PROJ}' (nn.Linear)" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("case", ERRORS)
+def test_bad_input_prints_one_line_and_exits_2(ws, case):
+    argv, message = ERRORS[case]
+    result = cli(ws, *argv).result()
+    assert result.returncode == 2
+    (line,) = visible_lines(result.stderr)
+    assert line.startswith(f"fx-adapters: error: {message}")
+
+
+def test_debug_shows_the_traceback(ws):
+    result = cli(ws, *DEBUG).result()
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "CLIError: my-road-adapter: not a transformers model directory" in result.stderr
