@@ -97,7 +97,7 @@ def rotate(y: torch.Tensor, cols: torch.Tensor, group_size: int, out: torch.Tens
     expression is used and ``out`` is ignored.
     """
     d, f = cols.select(-2, 0), cols.select(-2, 1)
-    if torch.is_grad_enabled() and (y.requires_grad or cols.requires_grad):
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (y.requires_grad or cols.requires_grad)):
         return y * d + swap(y, group_size) * f
     if out is None:
         out = torch.empty(torch.broadcast_shapes(y.shape, d.shape), dtype=y.dtype, device=y.device)
@@ -122,7 +122,9 @@ def road_rotate(y: torch.Tensor, table: torch.Tensor, index: torch.Tensor | None
     """
     if index is None:
         return y
-    cols = table[index]
+    cols = table.index_select(0, index.reshape(-1))  # table[index] with a 0-dim index calls .item()
+    if index.dim() == 0:
+        cols = cols.squeeze(0)
     x = y.to(table.dtype)  # adapters compute in their own dtype (fp32 on a bf16 model), as PEFT does
     if index.dim() == 1:  # one row per sample; layers that fold the batch into dim 0 (OPT's MLP) work too
         x = x.reshape(index.shape[0], -1, x.shape[-1])

@@ -1,0 +1,272 @@
+"""The rows of issue 7's table, one small function each.
+
+A row function takes the ``Settings`` and returns a ``Row``: its table lines plus the raw timings (for the
+JSON). Ratios are a contender's median ÷ the base model's median from the same interleaved run.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from . import models as m
+from .timing import Timings, interleaved
+
+
+@dataclass(frozen=True)
+class Settings:
+    repeats: int  # timed forward calls per contender
+    warmup: int
+    fold_repeats: int  # PEFT's merge + unmerge takes seconds: fewer repeats for row 4
+    patience: float  # up to patience × repeats repetitions to collect the quiet ones (see timing.py)
+
+    def time(self, contenders, repeats: int | None = None, warmup: int | None = None, **kwargs) -> Timings:
+        """``interleaved`` with these settings (``repeats`` and ``warmup`` overridable)."""
+        repeats, warmup = repeats or self.repeats, self.warmup if warmup is None else warmup
+        return interleaved(contenders, repeats, warmup, self.patience, **kwargs)
+
+
+@dataclass(frozen=True)
+class Goal:
+    text: str
+    check: Callable[[float], bool] | None = None  # None: informative line, no goal
+
+
+def at_most(x: float) -> Goal:
+    return Goal(f"≤ {x:.2f}", lambda r: r <= x)
+
+
+NOISE = 0.02  # "1.00 within noise": at most 2 % above the base model
+
+
+def within_noise() -> Goal:
+    return Goal(f"1.00 (≤ {1 + NOISE:.2f})", lambda r: r <= 1 + NOISE)
+
+
+INFO = Goal("(info)")
+
+
+@dataclass
+class Line:
+    figure: str
+    peft: str
+    ours: str
+    goal: str
+    met: bool | None = None  # None: no goal, or not measured
+
+    @classmethod
+    def ratios(cls, figure: str, t: Timings, peft: str | None, ours: str | None, goal: Goal,
+               missing: str = "not available") -> Line:
+        """A line of two ratios to ``t``'s base; a contender given as None prints as ``missing``."""
+        p = t.ratio(peft) if peft else None
+        o = t.ratio(ours) if ours else None
+        met = goal.check(o) if goal.check and o is not None else None
+        return cls(figure, _fmt(p, missing), _fmt(o, missing), goal.text, met)
+
+
+def _fmt(ratio: float | None, missing: str) -> str:
+    return missing if ratio is None else f"{ratio:.3f}"
+
+
+@dataclass
+class Row:
+    lines: list[Line]
+    timings: Timings | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict:
+        ratios = {}
+        if self.timings and "base" in self.timings.samples:
+            ratios = {n: self.timings.ratio(n) for n in self.timings.samples if n != "base"}
+        return {"lines": [vars(line) for line in self.lines], "ratios_to_base": ratios, "notes": self.notes,
+                "timings": self.timings.as_json() if self.timings else None}
+
+
+FOLD_MISSING = "not available: am.merge()/fold() or fx_adapters.fold_weight/unfold_weight not built yet (issue 3)"
+
+
+def _has_fold() -> bool:
+    """Whether issue 3's API is there: ``am.merge()/unmerge()/fold()`` and ``fx_adapters.fold_weight/unfold_weight``."""
+    import fx_adapters as fxa
+
+    return all(hasattr(fxa.AdaptedModule, a) for a in ("merge", "unmerge", "fold")) and \
+        all(hasattr(fxa, a) for a in ("fold_weight", "unfold_weight"))
+
+
+# ------------------------------------------------------------------------------------------------ rows
+
+
+def unmerged(s: Settings) -> Row:
+    """Row 1, plus adapters disabled ÷ base on both sides (the wrapper / captured-graph overhead)."""
+    c = m.contenders(1)
+    base, peft, ours = m.eager(m.base_model()), m.eager(c.peft), m.ours(c.ours)
+    with torch.inference_mode():
+        m.check_close(ours(), peft(), "unmerged forward")
+    t = s.time({
+        "base": base,
+        "peft": peft,
+        "ours": ours,
+        "peft_disabled": m.within(c.peft.disable_adapter, peft),
+        "ours_disabled": m.within(c.ours.disable_adapters, ours),
+    })
+    return Row([
+        Line.ratios("RoAd unmerged forward ÷ base", t, "peft", "ours", at_most(1.08)),
+        Line.ratios("adapters disabled ÷ base (wrapper / capture overhead)", t, "peft_disabled", "ours_disabled",
+                    INFO),
+    ], t)
+
+
+def mixed(s: Settings) -> Row:
+    """Row 2: 8 adapters + ``__base__`` cycled over the batch."""
+    c = m.contenders(8)
+    cycle = [*c.names, "__base__"]
+    names = [cycle[i % len(cycle)] for i in range(m.BATCH)]
+    peft, ours = m.eager(c.peft, adapter_names=names), m.ours(c.ours, adapter_names=names)
+    with torch.inference_mode():
+        m.check_close(ours(), peft(), "mixed batch")
+    t = s.time({"base": m.eager(m.base_model()), "peft": peft, "ours": ours})
+    return Row([Line.ratios(f"mixed batch, {len(c.names)} adapters + __base__ ÷ base", t, "peft", "ours",
+                            at_most(1.12))], t)
+
+
+def merged(s: Settings) -> Row:
+    """Row 3: PEFT's merge_adapter vs our ``am.merge()`` (in place) and ``am.fold()`` (a standalone GraphModule)."""
+    c = m.contenders(1)
+    expected = m.eager(c.peft)
+    with torch.inference_mode():
+        expected = expected()
+    peft_model = copy.deepcopy(c.peft)
+    peft_model.merge_adapter()
+    contenders = {"base": m.eager(m.base_model()), "peft": m.eager(peft_model)}
+    fold = _has_fold()
+    if fold:
+        folded = c.ours.fold()
+        contenders["ours_folded"] = lambda: folded(**m.inputs())["logits"]
+        c.ours.merge()
+        contenders["ours_merged"] = m.ours(c.ours)
+    try:
+        with torch.inference_mode():
+            for name in contenders.keys() - {"base"}:
+                m.check_close(contenders[name](), expected, f"merged: {name}")
+        t = s.time(contenders)
+    finally:
+        if fold:
+            c.ours.unmerge()
+    return Row([
+        Line.ratios("merged (PEFT merge_adapter / our am.merge()) ÷ base", t, "peft", "ours_merged" if fold else None,
+                    within_noise()),
+        Line.ratios("folded GraphModule (am.fold()) ÷ base", t, "peft", "ours_folded" if fold else None,
+                    within_noise()),
+    ], t, [] if fold else [FOLD_MISSING])
+
+
+def fold_linear(s: Settings) -> Row:
+    """Row 4: fold + unfold of one 2048→5632 Linear vs PEFT's merge + unmerge of its RoAd Linear (same adapter)."""
+    layer = _peft_road_linear()
+    contenders = {"peft_merge": layer.merge, "peft_unmerge": layer.unmerge}
+    fold = _has_fold()
+    if fold:
+        contenders.update(_our_fold_contenders(layer))
+    t = s.time(contenders, s.fold_repeats, warmup=0, mode=torch.no_grad)
+    peft = [t.median(f"peft_{step}") for step in ("merge", "unmerge")]
+    peft_total = sum(peft)
+    line = Line("fold + unfold, one 2048→5632 Linear", "{:.2f} s ({:.2f} + {:.2f})".format(peft_total, *peft),
+                "not available", "≥ 50× faster")
+    if fold:
+        ours = [t.median(f"ours_{step}") for step in ("fold", "unfold")]
+        speedup = peft_total / sum(ours)
+        line.ours = f"{sum(ours) * 1e3:.0f} ms ({ours[0] * 1e3:.0f} + {ours[1] * 1e3:.0f}): {speedup:.0f}× faster"
+        line.met = speedup >= 50
+    return Row([line], t, [] if fold else [FOLD_MISSING])
+
+
+def _our_fold_contenders(layer) -> dict:
+    """``fold_weight`` then ``unfold_weight`` on PEFT's layer's weights, columns computed from its parameters."""
+    import fx_adapters as fxa
+    from fx_adapters.runtime.rotation import road_columns
+
+    adapter = layer.active_adapters[0]
+    weight, bias = layer.get_base_layer().weight, layer.get_base_layer().bias
+    args = (layer.variant[adapter], layer.group_size[adapter], layer.road_theta[adapter], layer.road_alpha[adapter])
+    folded = {}
+
+    def fold():
+        folded["wb"] = fxa.fold_weight(weight, bias, road_columns(*args).detach(), args[1])
+
+    def unfold():
+        return fxa.unfold_weight(*folded["wb"], road_columns(*args).detach(), args[1])
+
+    with torch.no_grad():  # check once: our fold is PEFT's merge, and unfold gets the weights back
+        original = weight.detach().clone()
+        fold()
+        layer.merge()
+        merged = layer.get_base_layer().weight.clone()
+        layer.unmerge()
+        fold_err = (folded["wb"][0] - merged).abs().max().item()
+        round_trip = (unfold()[0] - original).abs().max().item()
+    if fold_err > 1e-4 or round_trip > 1e-5:
+        raise AssertionError(f"fold: differs from PEFT's merge by {fold_err:.1e}, round trip error {round_trip:.1e}")
+    return {"ours_fold": fold, "ours_unfold": unfold}
+
+
+def _peft_road_linear(in_features: int = 2048, out_features: int = 5632) -> torch.nn.Module:
+    """PEFT's RoAd ``Linear`` wrapping a random ``nn.Linear(in_features, out_features)`` (random adapter)."""
+    from peft import RoadConfig, get_peft_model
+
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(in_features, out_features)
+
+        def forward(self, x):
+            return self.linear(x)
+
+    torch.manual_seed(2)
+    config = RoadConfig(**{**m.ROAD, "target_modules": ["linear"]})
+    return get_peft_model(One(), config).base_model.model.linear
+
+
+def xlora(s: Settings) -> Row:
+    """Row 5: X-LoRA forward, 8 experts r=8 on q, v, o, down, batch 8 (both passes and the classifier)."""
+    peft, ours = m.xlora_contenders()
+    batch = m.xlora_inputs()
+    calls = {"base": lambda: m.base_model()(**batch, use_cache=False).logits,
+             "peft": lambda: peft(**batch).logits, "ours": lambda: ours(**batch).logits}
+    with torch.inference_mode():
+        m.check_close(calls["ours"](), calls["peft"](), "X-LoRA forward")
+    t = s.time(calls)
+    return Row([Line.ratios("X-LoRA, 8 experts r=8 on q,v,o,down ÷ base (batch 8)", t, "peft", "ours",
+                            at_most(2.15))], t)
+
+
+def compiled(s: Settings) -> Row:
+    """Opt-in: ``torch.compile`` (inductor, CPU) of our graph module, called as AdaptedModule.forward does."""
+    am = m.contenders(1).ours
+    graph_ours = m.ours(am)
+    fn = torch.compile(am.graph_module)
+
+    def compiled_ours():
+        # AdaptedModule.forward with the compiled graph module in place of the eager one (no public hook yet)
+        index = am._road_index(None, m.BATCH)
+        am._refresh_tables()
+        return am._captured.call(fn, **m.inputs(), extra=(index,)).logits
+
+    try:
+        with torch.inference_mode():
+            m.check_close(compiled_ours(), graph_ours(), "torch.compile")  # compiles here
+    except Exception as e:  # noqa: BLE001 - report the failure, keep the run going
+        # the first line that says something (inductor's first line is just "backend='inductor' raised:")
+        first = next((ln for ln in str(e).strip().splitlines() if ln.strip() and not ln.endswith(":")), "")
+        return Row([Line("torch.compile(graph_module) forward ÷ base", "n/a", "failed (see below)", INFO.text)],
+                   notes=[f"torch.compile failed on this machine: {type(e).__name__}: {first}"])
+    t = s.time({"base": m.eager(m.base_model()), "ours": graph_ours, "ours_compiled": compiled_ours})
+    return Row([Line.ratios("torch.compile(graph_module) forward ÷ base", t, None, "ours_compiled", INFO, "n/a")], t)
+
+
+ROWS: dict[str, Callable[[Settings], Row]] = {
+    "unmerged": unmerged, "mixed": mixed, "merged": merged, "fold": fold_linear, "xlora": xlora, "compile": compiled,
+}
+DEFAULT_ROWS = ["unmerged", "mixed", "merged", "fold", "xlora"]  # "compile" is opt-in
