@@ -21,7 +21,8 @@ import torch
 from peft import RoadConfig
 from safetensors.torch import load_file, save_file
 
-from conftest import build_hf, peft_road, token_batch
+from conftest import VOCAB, build_hf, peft_road, token_batch
+from xlora_helpers import EXPERT_SPECS, lora_expert
 
 HAS_BNB = find_spec("bitsandbytes") is not None
 needs_bnb = pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes")
@@ -38,6 +39,13 @@ MERGE_OTHER = ("merge", "my-llama", "my-road-adapter", "--adapter-name", "other"
                "--out", "other.pt2", "--quiet")
 CHECK = ("check", "my-llama", "my-road-adapter", "--examples", "10")
 CHECK_UNPREFIXED = ("check", "my-llama", "unprefixed-adapter", "--examples", "5", "--quiet")
+XLORA_EXPERTS = {"math": "math-lora", "code": "code-lora"}  # expert name -> its PEFT LoRA directory
+EXPERT_ARGS = tuple(arg for name, path in XLORA_EXPERTS.items() for arg in ("--expert", f"{name}={path}"))
+CLASSIFIER = "xlora-classifier.safetensors"
+PROMPT, PROMPT_IDS = "2 + 2 =", (5, 17, 42, 9)
+XLORA = ("xlora", "my-llama", *EXPERT_ARGS, "--classifier", CLASSIFIER, "--prompt", PROMPT)  # the README's
+XLORA_LAYERWISE = ("xlora", "my-llama", *EXPERT_ARGS, "--prompt-ids", ",".join(map(str, PROMPT_IDS)), "--layerwise",
+                   "--top-k", "1", "--softmax-temperature", "0.5", "--quiet")  # untrained classifier
 ERRORS = {  # command line -> the one line it prints
     "missing directory": (("merge", "no-such-model", "my-road-adapter", "--out", "x.pt2"),
                           "no-such-model: no such directory (expected a local transformers model directory)"),
@@ -55,10 +63,24 @@ ERRORS = {  # command line -> the one line it prints
                         "--out merged: the file name must end in .pt2 (torch.export's archive format)"),
     "overwriting the model": (("merge", "my-llama", "my-road-adapter", "--out", "x.pt2", "--save-pretrained",
                                "my-llama"), "--save-pretrained my-llama: that is MODEL_DIR; choose another directory"),
+    "bad --expert": (("xlora", "my-llama", "--expert", "math-lora", "--prompt-ids", "1"),
+                     "--expert math-lora: expected NAME=DIR, e.g. --expert math=./math-lora"),
+    "missing expert": (("xlora", "my-llama", "--expert", "math=no-such-lora", "--prompt-ids", "1"),
+                       "X-LoRA expert 'math': no-such-lora is not a directory; expected a PEFT LoRA adapter directory"),
+    "expert not LoRA": (("xlora", "my-llama", "--expert", "road=my-road-adapter", "--prompt-ids", "1"),
+                        "X-LoRA expert 'road' (my-road-adapter): peft_type is 'ROAD'; an X-LoRA expert must be a LoRA "
+                        "adapter"),
+    "classifier that does not fit": (("xlora", "my-llama", *EXPERT_ARGS, "--layerwise", "--classifier", CLASSIFIER,
+                                      "--prompt-ids", "1"),
+                                     f"load_classifier({CLASSIFIER}): it does not fit this classifier (2 experts, "
+                                     "11 layers, xlora_depth=1, layerwise_scalings=True)"),
+    "prompt without tokenizer": (("xlora", "my-gpt2", "--expert", "math=math-lora", "--prompt", "hi"),
+                                 "--prompt needs a tokenizer in MODEL_DIR and my-gpt2 has none"),
 }
 DEBUG = ("inspect", "my-road-adapter", "--debug")
 INSPECT_INCOMPLETE = ("inspect", "incomplete-llama", "--quiet")
-COMMANDS = [MERGE, MERGE_OTHER, CHECK, CHECK_UNPREFIXED, *([INSPECT_4BIT] if HAS_BNB else []), INSPECT,  # longest first
+COMMANDS = [MERGE, MERGE_OTHER, CHECK, CHECK_UNPREFIXED, XLORA, XLORA_LAYERWISE,  # longest first
+            *([INSPECT_4BIT] if HAS_BNB else []), INSPECT,
             INSPECT_INCOMPLETE, *(argv for argv, _ in ERRORS.values()), DEBUG]
 
 _pool = ThreadPoolExecutor(WORKERS)
@@ -66,7 +88,7 @@ _runs: dict[tuple[str, ...], Future] = {}
 
 
 def workspace(tmp_path_factory, start_first: tuple[tuple[str, ...], ...] = ()) -> Path:
-    """The directory the commands run in (built once per session): tiny models and PEFT RoAd adapters.
+    """The directory the commands run in (built once per session): tiny models, PEFT RoAd adapters, LoRA experts.
 
     ``start_first``: command lines that need none of these files, started before they are built.
     """
@@ -80,7 +102,7 @@ def workspace(tmp_path_factory, start_first: tuple[tuple[str, ...], ...] = ()) -
         warnings.simplefilter("ignore")  # PEFT's notes on GPT-2's tied lm_head
         llama = build_hf("llama")
         llama.save_pretrained(root / "my-llama")
-        (root / "my-llama" / "tokenizer_config.json").write_text("{}")  # stands for the files merge copies over
+        char_tokenizer().save_pretrained(root / "my-llama")  # merge copies it over, xlora --prompt uses it
         shutil.copytree(root / "my-llama", root / "incomplete-llama")
         weights = root / "incomplete-llama" / "model.safetensors"
         save_file({k: v for k, v in load_file(weights).items() if k != UP_PROJ}, weights, metadata={"format": "pt"})
@@ -98,7 +120,31 @@ def workspace(tmp_path_factory, start_first: tuple[tuple[str, ...], ...] = ()) -
         gpt2.save_pretrained(root / "my-gpt2")
         peft_road(gpt2, group_size=8, target_modules=["lm_head"]).save_pretrained(  # without a copy of lm_head
             root / "gpt2-head-adapter", save_embedding_layers=False)
+        for seed, (path, spec) in enumerate(zip(XLORA_EXPERTS.values(), (EXPERT_SPECS[0], EXPERT_SPECS[2]))):
+            lora_expert(llama, seed, **spec).save_pretrained(root / path)  # the second one adapts the embedding too
+    write_classifier(root / CLASSIFIER, llama.config.hidden_size)
     return root
+
+
+def char_tokenizer():
+    """A transformers tokenizer with one token per printable ASCII character (ids 2-96; 0 pads, 1 is unknown)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, **{chr(c): c - 30 for c in range(32, 127)}}
+    assert len(vocab) <= VOCAB
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>")
+
+
+def write_classifier(path: Path, hidden_size: int) -> None:
+    """An X-LoRA classifier checkpoint for the two experts, not layerwise (random weights stand for trained ones)."""
+    from fx_adapters.runtime.xlora import XLoraClassifier
+
+    torch.manual_seed(1)  # not the CLI's seed 0: these weights differ from the untrained classifier's
+    save_file(XLoraClassifier(hidden_size, len(XLORA_EXPERTS), n_layers=1).state_dict(), path)
 
 
 def cli(root: Path, *args: str) -> Future:
@@ -280,3 +326,81 @@ def test_debug_shows_the_traceback(ws):
     result = cli(ws, *DEBUG).result()
     assert "Traceback (most recent call last)" in result.stderr
     assert "CLIError: my-road-adapter: not a transformers model directory" in result.stderr
+
+
+# -------------------------------------------------------------------------------------------------- xlora
+
+
+@functools.cache
+def xlora_oracle(root: Path, ids: tuple[int, ...], classifier: bool, **config) -> tuple[torch.Tensor, torch.Tensor]:
+    """In this process, what ``fx-adapters xlora`` runs: ``get_latest_scalings()`` (seq, layers, experts) and the
+    logits (seq, vocab) of the saved model with the experts, on ``ids``."""
+    import fx_adapters as fxa
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(root / "my-llama").eval()
+    torch.manual_seed(0)  # the CLI's seed for the untrained classifier (set before the capture, which draws too)
+    xm = fxa.compile_with_xlora(model, fxa.XLoraConfig(
+        adapters={name: root / path for name, path in XLORA_EXPERTS.items()}, **config))
+    if classifier:
+        xm.load_classifier(root / CLASSIFIER)
+    with torch.no_grad():
+        logits = xm(input_ids=torch.tensor([ids])).logits[0]
+    return xm.get_latest_scalings()[0], logits
+
+
+def scalings_table(out: str) -> tuple[list[list[str]], torch.Tensor]:
+    """The table's rows (token index, id[, text]) and its scalings (tokens, experts), read back from ``%.4f``."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("token  id"))
+    rows = [line.rsplit(maxsplit=len(XLORA_EXPERTS)) for line in lines[start + 1:-1]]  # the last: the next token
+    return [head.split(maxsplit=2) for head, *_ in rows], torch.tensor([[float(v) for v in values]
+                                                                        for _, *values in rows])
+
+
+def assert_printed(printed: torch.Tensor, want: torch.Tensor) -> None:
+    torch.testing.assert_close(printed, want.float(), atol=5.1e-5, rtol=0)  # 4 decimals
+
+
+def prompt_ids() -> tuple[int, ...]:
+    return tuple(char_tokenizer()(PROMPT)["input_ids"])
+
+
+def test_xlora_prints_the_scalings_get_latest_scalings_returns(ws):
+    _, printed = scalings_table(ok(ws, *XLORA))
+    scalings, _ = xlora_oracle(ws, prompt_ids(), classifier=True)
+    assert_printed(printed, scalings[:, 0])  # not layerwise: every layer gets the same
+
+
+def test_xlora_prompt_is_tokenized_by_the_model_directory_tokenizer(ws):
+    tokens, _ = scalings_table(ok(ws, *XLORA))
+    assert tokens == [[str(i), str(token), repr(char)] for i, (token, char) in enumerate(zip(prompt_ids(), PROMPT))]
+
+
+def test_xlora_prints_the_argmax_next_token(ws):
+    _, logits = xlora_oracle(ws, prompt_ids(), classifier=True)
+    token = int(logits[-1].argmax())
+    assert ok(ws, *XLORA).splitlines()[-1] == (f"Next token (argmax of the last position's logits): {token} "
+                                               f"{char_tokenizer().decode([token])!r}")
+
+
+def test_xlora_without_classifier_says_it_is_untrained(ws):
+    assert "Classifier: untrained (its random initialization, seed 0;" in ok(ws, *XLORA_LAYERWISE)
+
+
+def test_xlora_layerwise_top_k_says_what_the_table_shows(ws):
+    assert ("Expert scalings per token, averaged over the 11 layers (--layerwise: each layer has its own); each "
+            "token's 1 largest kept, the others 0 (--top-k):") in ok(ws, *XLORA_LAYERWISE)
+
+
+def test_xlora_layerwise_top_k_prints_the_kept_scalings_averaged_over_layers(ws):
+    scalings, _ = xlora_oracle(ws, PROMPT_IDS, classifier=False, layerwise_scalings=True, top_k_lora=1,
+                               softmax_temperature=0.5)
+    largest = scalings.max(dim=-1, keepdim=True).values
+    kept = torch.where(scalings == largest, largest, 0.0)
+    assert_printed(scalings_table(ok(ws, *XLORA_LAYERWISE))[1], kept.mean(dim=1))
+
+
+@pytest.mark.parametrize("argv", [XLORA, XLORA_LAYERWISE], ids=" ".join)
+def test_xlora_prints_no_third_party_noise(ws, argv):
+    assert visible_lines(cli(ws, *argv).result().stderr) == []
