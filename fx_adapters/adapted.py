@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import generation
 from .checkpoint import ROAD_PARAMS, read_adapter_dir, split_peft_key, write_adapter_dir
 from .config import RoadConfig
 from .merge import MergeMixin
@@ -292,13 +293,23 @@ class AdaptedModule(MergeMixin, nn.Module):
             module.set_slots(slots, self._active if len(self._active) > 1 else ())
         self._cache_key = key
 
-    def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
-        first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
+    def _road_input(self, adapter_names, batch_size: int | None) -> torch.Tensor | None:
+        """The ``road_index`` graph input of a call (refreshing the tables it selects from)."""
         merged = self._merged_forward(adapter_names)
-        index = None if merged else self._road_index(adapter_names, None if first is None else first.shape[0])
+        index = None if merged else self._road_index(adapter_names, batch_size)
         if index is not None:
             self._refresh_tables()
+        return index
+
+    def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
+        index = self._road_input(adapter_names, None if first is None else first.shape[0])
         return self._captured.call(self.graph_module, *args, extra=(index,), **kwargs)
+
+    def generate(self, input_ids: torch.Tensor, adapter_names: Sequence[str] | None = None, **kwargs) -> torch.Tensor:
+        """Generate with a KV cache (``adapter_names``: one adapter or ``"__base__"`` per row); see
+        ``fx_adapters.generation``."""
+        return generation.generate_road(self, input_ids, adapter_names, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints
     def load_adapter(self, path_or_state_dict: str | Path | Mapping[str, torch.Tensor], adapter_name: str = "default",
@@ -399,4 +410,5 @@ def compile_with_road(model: nn.Module, config: RoadConfig, example_inputs: tupl
     am = AdaptedModule(captured, finder.layers, model_type=getattr(model_config, "model_type", None),
                        output_head=output_head(model), name_or_path=getattr(model_config, "_name_or_path", None))
     am.add_adapter(adapter_name, config)
+    generation.attach(am, model)
     return am.train(model.training)

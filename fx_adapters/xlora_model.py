@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import generation
 from .config import WEIGHTS_NAME, XLoraConfig, check_number, check_top_k
 from .lora_experts import check_experts, read_lora_expert, stack_experts
 from .passes import run_passes
@@ -108,7 +109,9 @@ class XLoraModule(nn.Module):
         _mark_non_persistent_buffers(gm, source)
         run_passes(gm, [TwoPassGraph(head.nodes[0], classifier),
                         InsertXLoraExperts({t: (i, stacked[t]) for i, t in enumerate(targets)})])
-        return cls(captured, gm, tuple(config.adapters), targets, config).train(model.training)
+        xm = cls(captured, gm, tuple(config.adapters), targets, config).train(model.training)
+        generation.attach(xm, model)
+        return xm
 
     # ------------------------------------------------------------------ forward
     @property
@@ -119,13 +122,23 @@ class XLoraModule(nn.Module):
     def forward(self, *args, **kwargs):
         if self._disabled:
             return self._captured.call(self._base_graph_module(), *args, **kwargs)
+        output, scalings = self._two_pass.call(self.graph_module, *args, extra=self._extra_inputs(), **kwargs)
+        self._record(scalings)
+        return output
+
+    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Generate with KV caches for both passes; arguments and scalings: ``fx_adapters.generation``."""
+        return generation.generate_xlora(self, input_ids, **kwargs)
+
+    def _extra_inputs(self) -> tuple:
+        """The graph inputs after the model's (``passes.xlora.INPUTS``), from the current config."""
         cfg = self.config
-        extra = (self._pass_weights(), cfg.top_k_lora, cfg.enable_softmax_topk, cfg.global_scaling_weight)
-        output, scalings = self._two_pass.call(self.graph_module, *args, extra=extra, **kwargs)
+        return self._pass_weights(), cfg.top_k_lora, cfg.enable_softmax_topk, cfg.global_scaling_weight
+
+    def _record(self, scalings: torch.Tensor) -> None:
         self._latest = scalings
         if self._logging:
             self._log.append(scalings)
-        return output
 
     def _pass_weights(self) -> torch.Tensor | None:
         """Every token's ``(n_experts,)`` expert weights in the scaling pass (PEFT's dummy scalings after top-k and

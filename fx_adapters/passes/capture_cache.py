@@ -1,0 +1,209 @@
+"""Capture a transformers causal LM with its KV cache as explicit graph inputs and outputs, for generation.
+
+``capture_with_cache(model)`` exports two flat graphs like ``capture``'s (parameters at the model's FQNs,
+``nn_module_stack`` relative to the model, bitsandbytes layers opaque)::
+
+    prefill(input_ids, attention_mask, position_ids)                     -> (logits, key_0, value_0, key_1, …)
+    decode(input_ids, attention_mask, position_ids, key_0, value_0, …)   -> (logits, key_0, value_0, key_1, …)
+
+``input_ids`` and ``position_ids`` are ``(batch, new)`` (``new`` is 1 in ``decode``), ``attention_mask`` covers the
+past and the new positions, and each cache tensor is ``(batch, kv_heads, positions, head_dim)``: ``decode`` returns
+them one position longer (the model's ``DynamicCache``, concatenated inside the graph). Batch and lengths are
+dynamic. ``position_ids`` is an input only when the model's ``forward`` takes it (as in ``generate``).
+
+``read_from(gm, source)`` makes such a graph (or a rewrite of it) read every parameter, buffer and module that
+``source`` (e.g. an ``XLoraModule``'s graph module) also has from ``source`` itself, at call time.
+
+>>> import torch, transformers
+>>> cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+...                                num_attention_heads=2, num_key_value_heads=1)
+>>> model = transformers.LlamaForCausalLM(cfg).eval()
+>>> graphs = capture_with_cache(model)
+>>> graphs.input_names, graphs.cache_names
+(('input_ids', 'attention_mask', 'position_ids'), ('key_0', 'value_0'))
+>>> ids = torch.randint(0, 64, (1, 5))
+>>> logits, *cache = graphs.prefill(ids[:, :4], torch.ones(1, 4, dtype=torch.long), torch.arange(4)[None])
+>>> logits, *cache = graphs.decode(ids[:, 4:], torch.ones(1, 5, dtype=torch.long), torch.tensor([[4]]), *cache)
+>>> cache[0].shape
+torch.Size([1, 1, 5, 8])
+>>> torch.allclose(logits[:, -1], model(ids).logits[:, -1], atol=1e-5)
+True
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from .capture import (_WRAPPED, CaptureError, _bnb_stand_ins, _capture_error, _flat_graph_module,
+                      _mark_non_persistent_buffers, _owned_copy)
+
+__all__ = ["CacheGraphs", "capture_with_cache", "is_causal_lm", "read_from"]
+
+SOURCE_ATTR = "fxa_source"  # submodule name under which `read_from` graphs reach their source module
+
+
+@dataclass
+class CacheGraphs:
+    """The prefill and decode-step graphs of a model (module docstring)."""
+
+    prefill: torch.fx.GraphModule
+    decode: torch.fx.GraphModule
+    input_names: tuple[str, ...]
+    """The model inputs both graphs take first: ``input_ids``, ``attention_mask`` and maybe ``position_ids``."""
+    cache_names: tuple[str, ...]
+    """The cache tensors, in the order ``decode`` takes them after the model inputs and both graphs return them."""
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers model with an output head (what ``capture_with_cache`` captures)."""
+    transformers = sys.modules.get("transformers")
+    return (transformers is not None and isinstance(model, transformers.PreTrainedModel)
+            and model.get_output_embeddings() is not None)
+
+
+class _CacheInputs(nn.Module):
+    """Calls the model on flat tensors — its inputs, then the past keys and values (none in prefill) — with
+    ``use_cache=True``; returns the logits and the new cache, flat."""
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...]):
+        super().__init__()
+        setattr(self, _WRAPPED, model)
+        self.names = names
+        self.cache_arg = _cache_argument(model)
+
+    def forward(self, *inputs):
+        from transformers import DynamicCache
+
+        inputs, past = inputs[:len(self.names)], inputs[len(self.names):]
+        cache = DynamicCache(list(zip(past[::2], past[1::2]))) if past else None
+        out = getattr(self, _WRAPPED)(**dict(zip(self.names, inputs)), **{self.cache_arg: cache}, use_cache=True)
+        return (out.logits, *_flat_cache(out))
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """The name of ``model.forward``'s KV-cache argument: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _flat_cache(output) -> list[torch.Tensor]:
+    """The keys and values of a model output's KV cache (``output.cache`` or, before transformers 5.24,
+    ``output.past_key_values``), flat: key_0, value_0, key_1, …"""
+    cache = output.get("cache", output.get("past_key_values"))
+    layers = getattr(cache, "layers", None)
+    if not layers or any(getattr(layer, "keys", None) is None for layer in layers):
+        raise CaptureError(f"the model returned a {type(cache).__name__} without per-layer keys and values; only "
+                           "attention caches (DynamicCache) can be captured")
+    return [t for layer in layers for t in (layer.keys, layer.values)]
+
+
+def capture_with_cache(model: nn.Module) -> CacheGraphs:
+    """Capture ``model`` (a transformers causal LM, not modified) as prefill and decode graphs; raises ``CaptureError``."""
+    if not is_causal_lm(model):
+        raise CaptureError(f"cannot capture {type(model).__name__} with a KV cache: it is not a transformers model "
+                           "with an output head (get_output_embeddings()); generation needs a causal LM")
+    accepted = inspect.signature(model.forward).parameters
+    names = ("input_ids", "attention_mask") + (("position_ids",) if "position_ids" in accepted else ())
+    owned = _owned_copy(model).eval()
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(0, vocab, (2, 8), device=model.device)  # sizes > 1, or export specializes them
+    mask = torch.ones_like(ids)
+    prompt = {"input_ids": ids, "attention_mask": mask, "position_ids": torch.arange(8, device=ids.device).expand(2, 8)}
+    with torch.no_grad():  # the example cache: the model's own, run eagerly on the prompt
+        cache = _flat_cache(owned(**{n: prompt[n] for n in names}, use_cache=True))
+    step = {"input_ids": ids[:, :1], "attention_mask": mask.new_ones(2, 9), "position_ids": torch.full_like(ids[:, :1], 8)}
+    batch, length = Dim.DYNAMIC, Dim.DYNAMIC
+    prefill_dims = tuple({0: batch, 1: length} for _ in names)
+    step_dims = {"input_ids": {0: batch}, "attention_mask": {0: batch, 1: length}, "position_ids": {0: batch}}
+    decode_dims = tuple(step_dims[n] for n in names) + tuple({0: batch, 2: length} for _ in cache)
+    cache_names = tuple(f"{kind}_{layer}" for layer in range(len(cache) // 2) for kind in ("key", "value"))
+    graphs = []
+    for what, inputs, dims, placeholder_names in (
+            ("prefill", tuple(prompt[n] for n in names), prefill_dims, names),
+            ("decode", (*(step[n] for n in names), *cache), decode_dims, names + cache_names)):
+        try:
+            with torch.no_grad(), _bnb_stand_ins(owned) as bnb_layers:
+                ep = torch.export.export(_CacheInputs(owned, names), inputs, dynamic_shapes=(dims,), strict=False)
+        except Exception as e:
+            raise _capture_error(model, f"torch.export.export of the {what} graph with a KV cache", e,
+                                 "generation supports decoder-only models with a DynamicCache (e.g. Llama, Qwen2)") from e
+        gm, _ = _flat_graph_module(ep.module(check_guards=False), placeholder_names, ep.call_spec.out_spec,
+                                   type(model).__name__, bnb_layers)
+        _drop_empty_concatenations(gm)
+        _mark_non_persistent_buffers(gm, owned)
+        graphs.append(gm)
+    return CacheGraphs(*graphs, names, cache_names)
+
+
+def _drop_empty_concatenations(gm: torch.fx.GraphModule) -> None:
+    """Drop the empty tensor a fresh ``DynamicLayer`` starts from (``cat([tensor([]), keys])`` is ``keys``), so the
+    graph holds no tensor of its own (one that ``.to()`` on its source would not move)."""
+    graph = gm.graph
+    for node in list(graph.find_nodes(op="call_function", target=torch.ops.aten.cat.default)):
+        tensors = node.args[0]
+        kept = [t for t in tensors if not _is_empty(t)]
+        if len(kept) == 1:
+            node.replace_all_uses_with(kept[0])
+            graph.erase_node(node)
+        elif len(kept) < len(tensors):
+            node.args = (kept, *node.args[1:])
+        for dropped in set(tensors) - set(kept):
+            _erase_unused(gm, dropped)
+    graph.lint()
+    gm.recompile()
+
+
+def _is_empty(node: torch.fx.Node) -> bool:
+    value = node.meta.get("val")
+    return isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() == 0
+
+
+def _erase_unused(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+    """Erase ``node`` if nothing uses it, then its inputs likewise (and the attributes of erased ``get_attr`` nodes)."""
+    if node.users or node.op == "placeholder":
+        return
+    inputs = node.all_input_nodes
+    gm.graph.erase_node(node)
+    if node.op == "get_attr":
+        owner, _, name = node.target.rpartition(".")
+        delattr(gm.get_submodule(owner), name)
+    for source in inputs:
+        _erase_unused(gm, source)
+
+
+def _attr(module: nn.Module, target: str):
+    return functools.reduce(getattr, target.split("."), module)
+
+
+def _resolves(module: nn.Module, target: str) -> bool:
+    try:
+        _attr(module, target)
+    except AttributeError:
+        return False
+    return True
+
+
+def read_from(gm: torch.fx.GraphModule, source: nn.Module) -> torch.fx.GraphModule:
+    """A GraphModule running ``gm``'s graph whose attributes that ``source`` also has are read from ``source`` at call time.
+
+    Such nodes target ``fxa_source.<path>``, where ``fxa_source`` is ``source`` itself (so ``.to()``, ``load_state_dict``
+    or merged weights in ``source`` take effect at once); other attributes stay ``gm``'s. ``gm`` is left unchanged.
+    """
+    graph = copy.deepcopy(gm.graph)
+    attrs = {}
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            value = _attr(gm, node.target)
+            if _resolves(source, node.target):
+                node.target = f"{SOURCE_ATTR}.{node.target}"
+            attrs[node.target] = value
+    module = torch.fx.GraphModule(attrs, graph, type(gm).__name__)
+    module.add_module(SOURCE_ATTR, source)  # replaces the containers made for `fxa_source.…` targets
+    return module
