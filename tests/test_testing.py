@@ -11,10 +11,12 @@ from hypothesis import strategies as st
 from peft import set_peft_model_state_dict
 
 import fx_adapters as fxa
-from conftest import VOCAB, build_hf, peft_road
+from conftest import VOCAB, build_hf, peft_road, token_batch
 from fx_adapters.passes.rewrite import layer_key
+from fx_adapters.passes.xlora import EXPERTS_ATTR
 from fx_adapters.testing import NotEquivalentError, assert_equivalent
 from fx_adapters.testing.strategies import adapter_assignments, road_configs, road_state_dicts, token_batches
+from xlora_helpers import peft_classifier_state, peft_xlora, save_experts
 
 _names = (f"t{i}" for i in itertools.count())
 
@@ -76,8 +78,21 @@ def test_perturbed_rotation_is_named_as_the_first_diverging_layer(llama, data):
 
 def test_compiled_reference_is_compared_node_by_node(llama):
     _, am = llama
-    ids = torch.randint(0, VOCAB, (2, 5))
-    assert_equivalent(am, am, {"input_ids": ids})
+    broken = "model.layers.1.self_attn.q_proj"
+    inputs = dict(zip(("input_ids", "attention_mask"), token_batch(2, 5)))
+    am.set_adapter("seed")
+    folded = am.fold("seed")  # a standalone GraphModule computing the seed adapter from its parameters
+    assert_equivalent(am, folded, inputs)
+    with torch.inference_mode():
+        am(**inputs)  # tables are built; now break one layer's columns behind the cache's back
+    table = am.graph_module.road_adapters[layer_key(broken)].table_g8
+    original = table.clone()
+    table[:, 0] += 0.5
+    try:
+        with pytest.raises(NotEquivalentError, match=f"first diverging module: '{broken}' "):
+            assert_equivalent(am, folded, inputs)
+    finally:
+        table.copy_(original)
 
 
 def test_mixed_batch_kwargs_go_to_the_compiled_side_only(llama):
@@ -117,3 +132,35 @@ def test_drawn_alphas_stay_away_from_zero(llama):
     state = find(road_state_dicts(am.linear_layers[:2], "road_2", min_abs_alpha=0.25), lambda s: True)
     alphas = torch.cat([v for k, v in state.items() if k.endswith("road_alpha")])
     assert alphas.abs().min() >= 0.25
+
+
+# ---------------------------------------------------------------------------------------------- X-LoRA
+
+
+@pytest.fixture(scope="module")
+def xlora(tmp_path_factory):
+    """PEFT's X-LoRA model and ours on a tiny Llama: same experts, same classifier."""
+    model = build_hf("llama")
+    dirs = save_experts(model, tmp_path_factory.mktemp("experts"))
+    peft_model = peft_xlora(model, dirs)
+    xm = fxa.compile_with_xlora(model, fxa.XLoraConfig(adapters={f"e{i}": d for i, d in enumerate(dirs)}))
+    xm.classifier.load_state_dict(peft_classifier_state(peft_model))
+    return peft_model, xm.eval()
+
+
+def test_xlora_module_is_equivalent_to_peft_xlora(xlora):
+    peft_model, xm = xlora
+    assert_equivalent(xm, peft_model, {"input_ids": token_batch(2, 6)[0]})
+
+
+def test_perturbed_xlora_expert_is_named_as_the_first_diverging_layer(xlora):
+    peft_model, xm = xlora
+    broken = "model.layers.1.self_attn.v_proj"  # every expert of EXPERT_SPECS but the last adapts it
+    experts = getattr(xm.graph_module, EXPERTS_ATTR)[layer_key(broken)]
+    original = experts.lora_B.clone()
+    experts.lora_B += 0.5
+    try:
+        with pytest.raises(NotEquivalentError, match=f"first diverging module: '{broken}' "):
+            assert_equivalent(xm, peft_model, {"input_ids": token_batch(2, 6)[0]})
+    finally:
+        experts.lora_B.copy_(original)

@@ -7,6 +7,8 @@ differs.
 
 >>> import torch, fx_adapters as fxa
 >>> from torch import nn
+
+from ..checkpoint import PEFT_PREFIX
 >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
 >>> am = fxa.compile_with_road(model, fxa.RoadConfig(group_size=4, target_modules=["0"]))
 >>> assert_equivalent(am, model, (torch.randn(3, 4),))   # identity-initialised RoAd: the base model
@@ -20,6 +22,7 @@ fx_adapters.testing.NotEquivalentError: first diverging module: '0' (nn.Linear) 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -27,9 +30,11 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from ..checkpoint import PEFT_PREFIX
+
 __all__ = ["NotEquivalentError", "assert_equivalent", "module_outputs"]
 
-PEFT_PREFIX = "base_model.model."
+PEFT_PREFIXES = (PEFT_PREFIX, "base_model.lora_model.model.")  # PeftModel's wrappers: most methods, X-LoRA
 
 
 class NotEquivalentError(AssertionError):
@@ -44,7 +49,7 @@ class _Divergence:
     max_rel: float
 
 
-def _call(module: nn.Module, inputs, kwargs: Mapping | None):
+def _call(module: Callable, inputs, kwargs: Mapping | None):
     kwargs = dict(kwargs or {})
     if isinstance(inputs, Mapping):
         return module(**inputs, **kwargs)
@@ -81,51 +86,54 @@ def _paths(node: torch.fx.Node) -> dict[str, str]:
     return {path: str(cls).rpartition(".")[2] for path, cls in stack.values() if path}
 
 
-def _graph_of(module: nn.Module) -> tuple[torch.fx.GraphModule, Callable] | None:
-    """The graph module behind ``module`` and a function that calls ``module`` with a replacement runner."""
-    captured = getattr(module, "_captured", None)
-    if captured is not None:  # an AdaptedModule (or any module built on a CapturedModel)
-        return module.graph_module, lambda runner, *a, **k: _swap_call(module, runner, a, k)
-    if isinstance(module, torch.fx.GraphModule):
-        return module, lambda runner, *a, **k: runner(*a, **k)
-    return None
+def _recording(gm: torch.fx.GraphModule, record: dict) -> Callable:
+    """A function called like ``gm`` that runs it with a ``_Recorder`` writing into ``record``."""
+    signature = inspect.signature(gm.forward)
+
+    def run(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return _Recorder(gm, record).run(*bound.args)
+    return run
 
 
-def _swap_call(module: nn.Module, runner: Callable, args: tuple, kwargs: dict):
-    """Call an AdaptedModule with ``runner`` standing in for its graph module (adapter logic unchanged)."""
-    original = module._captured.call
+_RUNNERS = ("_captured", "_two_pass")  # a compiled module's CapturedModels: their .call(gm, ...) runs its graphs
 
-    def call(_gm, *a, **k):
-        return original(runner, *a, **k)
 
-    module._captured.call = call
+def _runners(module: nn.Module) -> list:
+    """The CapturedModels through which ``module`` (an AdaptedModule, XLoraModule, …) runs its graphs."""
+    found = {id(r): r for r in (getattr(module, name, None) for name in _RUNNERS) if r is not None}
+    return list(found.values())
+
+
+def _recorded_call(module: nn.Module, runners: list, record: dict, inputs, kwargs: Mapping | None):
+    """Call a compiled module with every graph it runs interpreted by a ``_Recorder`` (its own logic unchanged)."""
+    for runner in runners:
+        original = runner.call
+        runner.call = lambda gm, *a, _original=original, **k: _original(_recording(gm, record), *a, **k)
     try:
-        return module(*args, **kwargs)
+        return _call(module, inputs, kwargs)
     finally:
-        del module._captured.call
+        for runner in runners:
+            del runner.call
 
 
 def module_outputs(module: nn.Module, inputs, kwargs: Mapping | None = None) -> tuple[object, dict]:
     """Run ``module``; return its output and ``{module path: (class name, output tensor)}`` in completion order.
 
     Compiled modules are run by a ``torch.fx.Interpreter`` (bit-identical to calling them); eager ones
-    (including PEFT models, whose ``base_model.model.`` prefix is dropped) with temporary forward hooks.
+    (including PEFT models, whose ``base_model.model.`` / X-LoRA's ``base_model.lora_model.model.`` prefix is dropped) with temporary forward hooks.
     """
     record: dict[str, tuple[str, torch.Tensor]] = {}
-    graph = _graph_of(module)
     with torch.no_grad():
-        if graph is not None:
-            gm, call_with = graph
-            recorder = _Recorder(gm, record)
-            args = (inputs,) if isinstance(inputs, torch.Tensor) else inputs
-            if isinstance(inputs, Mapping):
-                output = call_with(recorder.run, **inputs, **dict(kwargs or {}))
-            else:
-                output = call_with(recorder.run, *args, **dict(kwargs or {}))
-            return output, record
+        if isinstance(module, torch.fx.GraphModule):
+            return _call(_recording(module, record), inputs, kwargs), record
+        runners = _runners(module)
+        if runners:
+            return _recorded_call(module, runners, record, inputs, kwargs), record
         handles = []
         for name, sub in module.named_modules():
-            path = name.removeprefix(PEFT_PREFIX)
+            path = next((name.removeprefix(p) for p in PEFT_PREFIXES if name.startswith(p)), name)
             if not path or path.startswith("base_model") or path.endswith(".base_layer"):
                 continue  # the root, PEFT's wrappers around the model, and the layer inside a PEFT layer
 
