@@ -122,9 +122,11 @@ def road_rotate(y: torch.Tensor, table: torch.Tensor, index: torch.Tensor | None
     """
     if index is None:
         return y
-    cols = table.index_select(0, index.reshape(-1))  # table[index] with a 0-dim index calls .item()
-    if index.dim() == 0:
-        cols = cols.squeeze(0)
+    if index.dim() == 0 and not torch.compiler.is_compiling():
+        cols = table[int(index)]  # a view; inductor cannot trace the .item() this needs
+    else:
+        cols = table.index_select(0, index.reshape(-1))
+        cols = cols.squeeze(0) if index.dim() == 0 else cols
     x = y.to(table.dtype)  # adapters compute in their own dtype (fp32 on a bf16 model), as PEFT does
     if index.dim() == 1:  # one row per sample; layers that fold the batch into dim 0 (OPT's MLP) work too
         x = x.reshape(index.shape[0], -1, x.shape[-1])
