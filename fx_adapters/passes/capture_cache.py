@@ -96,7 +96,7 @@ def _cache_argument(model: nn.Module) -> str:
 def _flat_cache(output) -> list[torch.Tensor]:
     """The keys and values of a model output's KV cache (``output.cache`` or, before transformers 5.24,
     ``output.past_key_values``), flat: key_0, value_0, key_1, …"""
-    cache = output.get("cache", output.get("past_key_values"))
+    cache = output.get("cache") if "cache" in output else output.get("past_key_values")  # no deprecation warning
     layers = getattr(cache, "layers", None)
     if not layers or any(getattr(layer, "keys", None) is None for layer in layers):
         raise CaptureError(f"the model returned a {type(cache).__name__} without per-layer keys and values; only "
