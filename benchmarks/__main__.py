@@ -23,7 +23,7 @@ import torch
 from .rows import DEFAULT_ROWS, ROWS, Row, Settings
 
 THREADS = 2
-FULL = Settings(repeats=15, warmup=2, fold_repeats=10, generate_repeats=5, new_tokens=64, patience=3)
+FULL = Settings(repeats=25, warmup=2, fold_repeats=10, generate_repeats=5, new_tokens=64, patience=3)
 QUICK = Settings(repeats=4, warmup=1, fold_repeats=1, generate_repeats=1, new_tokens=16, patience=1)
 
 
