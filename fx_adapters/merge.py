@@ -29,7 +29,9 @@ from collections.abc import Sequence
 import torch
 
 from .passes import run_passes
-from .passes.fold import Fold, PlainOutput, RotateWeights, StripRoad, assign_tensor, copy_graph_module
+from .passes.fold import (
+    Fold, PlainOutput, RotateWeights, StripRoad, assign_tensor, copy_graph_module, requantization_warning,
+)
 from .passes.rewrite import layer_key
 
 FOLDED_ADAPTER = "folded_adapter"  # key of ``GraphModule.meta`` recording which adapter ``fold`` folded
@@ -40,10 +42,23 @@ class MergeMixin:
 
     While adapters are merged, forward computes with the merged weights and no rotation (whatever adapter is
     active); passing ``adapter_names`` or running under ``disable_adapters()`` raises until ``unmerge()``.
+
+    Merging, folding or inverse-based undoing into bitsandbytes layers requantizes them, which rounds: a
+    ``UserWarning`` says so the first time this module does it (``merge``, ``unmerge``, ``fold`` or ``unfold``),
+    not again (exact undos restore the original layers and never warn).
     """
 
     _merged: tuple[tuple[str, tuple[Fold, ...]], ...] = ()  # (adapter, the rotations merged), in merge order
     _unsaved: tuple[dict[str, torch.Tensor], ...] = ()  # per merge: layer tensors replaced by modules_to_save copies
+    _warned_requantization: bool = False  # whether this module warned that requantizing rounds
+
+    def _rotate_weights(self, gm: torch.fx.GraphModule, folds: Sequence[Fold], check_finite: bool = False) -> None:
+        """``RotateWeights(folds)`` on ``gm``, warning if it requantized layers and this module never warned."""
+        rotate = RotateWeights(folds, check_finite)
+        rotate(gm)
+        if rotate.requantized and not self._warned_requantization:
+            self._warned_requantization = True
+            warnings.warn(requantization_warning(rotate.requantized), UserWarning, stacklevel=3)
 
     @property
     def merged_adapters(self) -> list[str]:
@@ -81,7 +96,7 @@ class MergeMixin:
             warnings.warn(f"Already merged: {self.merged_adapters}. "
                           + (f"Now additionally merging {todo}." if todo else "Nothing to do."), stacklevel=2)
         merges = tuple((name, self._folds(name)) for name in todo)
-        RotateWeights([f for _, folds in merges for f in folds], safe_merge)(self.graph_module)
+        self._rotate_weights(self.graph_module, [f for _, folds in merges for f in folds], safe_merge)
         originals = {fqn: self.graph_module.get_parameter(fqn) for fqn in self._saved_copies(todo)}
         _assign_all(self.graph_module, self._saved_copies(todo))
         self._merged += merges
@@ -99,7 +114,7 @@ class MergeMixin:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         inverse = [fold.inverse(exact) for _, folds in reversed(self._merged) for fold in reversed(folds)]
-        RotateWeights(inverse)(self.graph_module)
+        self._rotate_weights(self.graph_module, inverse)
         for originals in reversed(self._unsaved):
             _assign_all(self.graph_module, originals)
         self._merged, self._unsaved = (), ()
@@ -120,7 +135,7 @@ class MergeMixin:
             raise ValueError(f"fold: adapters {self.merged_adapters} are merged into this module's weights; call "
                              "unmerge() first (fold starts from the base weights)")
         folded = copy_graph_module(self.graph_module)
-        RotateWeights([f for name in names for f in self._folds(name)])(folded)
+        self._rotate_weights(folded, [f for name in names for f in self._folds(name)])
         _assign_all(folded, self._saved_copies(names))
         run_passes(folded, [StripRoad(), PlainOutput(self._captured.out_spec)])
         folded.meta[FOLDED_ADAPTER] = names
@@ -179,5 +194,5 @@ def unfold(folded: torch.fx.GraphModule, am: MergeMixin, adapter_name: str | Seq
         raise ValueError(f"unfold: this module was folded with adapters {list(recorded)}, not {names}; "
                          f"unfolding it with others would give wrong weights")
     base = copy_graph_module(folded)
-    RotateWeights([fold.inverse(exact) for name in reversed(names) for fold in reversed(am._folds(name))])(base)
+    am._rotate_weights(base, [fold.inverse(exact) for name in reversed(names) for fold in reversed(am._folds(name))])
     return base

@@ -248,13 +248,52 @@ def test_merge_rotates_the_bias_of_quantized_layers(has_fp16_weights):
                                    atol=1e-6, rtol=0)
 
 
-def test_merge_warns_once_that_requantization_rounds(quantized):
-    with from_peft(quantized, "int8") as (_, am), warnings.catch_warnings(record=True) as caught:
+def two_quantized_layers():
+    """A new module (so it never warned) of an 8-bit and a 4-bit layer, both with a random RoAd adapter."""
+    torch.manual_seed(0)
+    model = nn.Sequential(bnb.nn.Linear8bitLt(16, 64, has_fp16_weights=False), nn.ReLU(),
+                          bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, quant_type="nf4")).to("cpu").eval()
+    config = fxa.RoadConfig(variant="road_1", group_size=8, target_modules=["0", "2"], init_weights=False)
+    return fxa.compile_with_road(model, config)
+
+
+@contextlib.contextmanager
+def requantization_warnings():
+    """The messages of the requantization warnings raised inside, whatever the warning filters."""
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        messages = []
+        yield messages
+    messages += [str(w.message) for w in caught if "requantizing" in str(w.message)]
+
+
+def test_first_merge_warns_that_requantization_rounds():
+    am = two_quantized_layers()
+    with requantization_warnings() as messages:
         am.merge()
         am.unmerge()  # exact: nothing is requantized
-    messages = [str(w.message) for w in caught]
-    assert len(messages) == 1 and "requantizing 14 bitsandbytes layer(s)" in messages[0] and "rounds" in messages[0]
+    assert len(messages) == 1 and "requantizing 2 bitsandbytes layer(s) (0, 2)" in messages[0]
+    assert "rounds the rotated weights" in messages[0]
+
+
+def test_second_merge_does_not_warn_again():
+    am = two_quantized_layers()
+    am.merge()
+    am.unmerge()
+    with requantization_warnings() as messages:
+        am.merge()
+        am.unmerge(exact=False)  # requantizes again
+        fxa.unfold(am.fold(), am, exact=False)
+    assert messages == []
+
+
+def test_each_adapted_module_warns_once():
+    first, second = two_quantized_layers(), two_quantized_layers()
+    with requantization_warnings() as messages:
+        first.fold()
+        first.merge()
+        second.merge()
+    assert len(messages) == 2
 
 
 def test_safe_merge_of_a_nan_adapter_raises_naming_the_layer_and_keeps_every_layer(quantized):

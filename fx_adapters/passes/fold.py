@@ -30,7 +30,6 @@ makes the graph return built-in containers.
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -196,7 +195,8 @@ class RotateWeights(PassBase):
 
     The tensors in the graph module are never written (they may share storage with the caller's model).
     A bitsandbytes layer is replaced by a new layer: its folds are applied to its dequantized weight, which is
-    requantized once (one ``UserWarning`` per call says that this rounds), or, for exact undos, the original
+    requantized once (this rounds: ``requantized`` lists the layers, ``requantization_warning`` says it; the
+    pass itself does not warn, ``MergeMixin`` warns once per ``AdaptedModule``), or, for exact undos, the original
     layer is put back (see ``Fold.undo``). Everything is computed, and checked finite when ``check_finite``,
     before anything is assigned: on an error the graph module is unchanged. The graph itself is not changed:
     call it directly rather than through ``run_passes`` (whose PassManager re-raises every error as a bare
@@ -207,6 +207,7 @@ class RotateWeights(PassBase):
         super().__init__()
         self.folds = list(folds)
         self.check_finite = check_finite
+        self.requantized: list[str] = []  # the bitsandbytes layers the last call requantized (rounded), in order
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         for fold in self.folds:
@@ -233,11 +234,7 @@ class RotateWeights(PassBase):
             assign_tensor(graph_module, key, value)
         for name, (layer, _) in layers.items():
             graph_module.set_submodule(name, layer)
-        requantized = [name for name, (_, rounded) in layers.items() if rounded]
-        if requantized:
-            warnings.warn(f"requantizing {len(requantized)} bitsandbytes layer(s) ({', '.join(requantized[:3])}"
-                          f"{', …' if len(requantized) > 3 else ''}) rounds the rotated weights to their quantization "
-                          "grid: outputs differ slightly from the unmerged adapter's", UserWarning, stacklevel=4)
+        self.requantized = [name for name, (_, rounded) in layers.items() if rounded]
         return PassResult(graph_module, bool(new or layers))
 
     def _fold_layer(self, layer: nn.Module, folds: Sequence[Fold]) -> tuple[nn.Module, bool]:
@@ -260,6 +257,13 @@ class RotateWeights(PassBase):
         if self.check_finite and not all(t is None or torch.isfinite(t).all() for t in (weight, bias)):
             raise ValueError(f"safe_merge: adapter {fold.adapter!r} gives non-finite (NaN/inf) weights on layer "
                              f"{fold.target.name!r}; nothing was merged. The adapter seems broken: check its parameters")
+
+
+def requantization_warning(requantized: Sequence[str]) -> str:
+    """The warning that requantizing the bitsandbytes layers ``requantized`` (``RotateWeights.requantized``) rounds."""
+    return (f"requantizing {len(requantized)} bitsandbytes layer(s) ({', '.join(requantized[:3])}"
+            f"{', …' if len(requantized) > 3 else ''}) rounds the rotated weights to their quantization grid: "
+            "outputs differ slightly from the unmerged adapter's (warned once per adapted module)")
 
 
 class StripRoad(PassBase):
