@@ -101,13 +101,24 @@ def test_mixed_batch_kwargs_go_to_the_compiled_side_only(llama):
     assert_equivalent(am, model, {"input_ids": ids}, compiled_kwargs={"adapter_names": ["__base__"] * 2})
 
 
+@settings(max_examples=15)
 @given(data=st.data())
 def test_drawn_configs_always_compile(llama, data):
+    """Non-empty targets whose out_features the group size divides; the compiled model runs a drawn batch."""
     _, am = llama
     config = data.draw(road_configs(am.linear_layers, max_targets=8))
     name = next(_names)
     am.add_adapter(name, config)
-    am.delete_adapter(name)
+    try:
+        targets = am.adapter_targets(name)
+        assert targets and all(t.out_features % config.group_size == 0 for t in targets)
+        inputs = data.draw(token_batches(VOCAB))
+        am.set_adapter(name)
+        with torch.no_grad():
+            logits = am(**inputs).logits
+        assert logits.shape == (*inputs["input_ids"].shape, VOCAB)
+    finally:
+        am.delete_adapter(name)
 
 
 def test_configs_shrink_to_the_smallest_failing_case(llama):
