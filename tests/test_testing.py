@@ -140,6 +140,28 @@ def test_token_batches_pad_on_the_drawn_side():
 
 
 @settings(max_examples=50)
+@given(batch=token_batches(VOCAB, padding=("right",)))
+def test_right_padded_rows_are_ones_then_zeros(batch):
+    mask = batch["attention_mask"]
+    assert mask[:, 0].all() and (mask[:, 1:] <= mask[:, :-1]).all()
+
+
+def test_right_padding_masks_the_last_positions():
+    right = find(token_batches(VOCAB, padding=("right",)), lambda b: (b["attention_mask"] == 0).any())
+    assert right["attention_mask"][:, -1].eq(0).any()
+
+
+def test_token_batches_shrink_to_the_smallest_padded_batch():
+    smallest = find(token_batches(VOCAB), lambda b: (b["attention_mask"] == 0).any())
+    assert smallest["attention_mask"].tolist() == [[0, 1]]  # one sample, two tokens, left-padded by one
+
+
+def test_assignments_shrink_to_the_first_name_but_where_the_case_needs_another():
+    drawn = find(adapter_assignments(["a", "b"], 5), lambda names: "__base__" in names)
+    assert sorted(drawn) == ["__base__", "a", "a", "a", "a"]
+
+
+@settings(max_examples=50)
 @given(data=st.data())
 def test_drawn_alphas_stay_away_from_zero(llama, data):
     _, am = llama
