@@ -21,7 +21,7 @@ import torch
 from peft import RoadConfig
 from safetensors.torch import load_file, save_file
 
-from conftest import VOCAB, build_hf, peft_road, token_batch
+from conftest import VOCAB, build_hf, eager_road_forward, peft_road, road_params_of, token_batch
 from xlora_helpers import EXPERT_SPECS, lora_expert
 
 HAS_BNB = find_spec("bitsandbytes") is not None
@@ -210,13 +210,27 @@ def test_demo_exports_to_a_temporary_directory_it_removes(ws):
     assert "(a temporary directory, removed at exit" in out and not Path(path).exists()
 
 
-def test_demo_out_keeps_a_pt2_that_loads(tmp_path):
-    """In this process: the tour's work is the same as in a subprocess, without the start-up."""
+def test_demo_out_keeps_a_pt2_that_computes_the_math_adapter_eagerly(tmp_path, monkeypatch):
+    """In this process: the tour's work is the same as in a subprocess, without the start-up. The oracle is the
+    demo's tiny Llama run eagerly with PEFT's rotation in forward hooks, from the 'math' adapter's parameters."""
+    import fx_adapters as fxa
     from fx_adapters.cli._common import UI
-    from fx_adapters.demo import run
+    from fx_adapters.demo import run, tiny_llama
 
+    compiled, compile_with_road = [], fxa.compile_with_road
+
+    def compile_and_keep(*args, **kwargs):
+        compiled.append(compile_with_road(*args, **kwargs))
+        return compiled[-1]
+
+    monkeypatch.setattr(fxa, "compile_with_road", compile_and_keep)
     assert run(UI(quiet=True), str(tmp_path / "out")) == 0
-    assert torch.export.load(tmp_path / "out" / "demo.pt2").module()(*BATCH)["logits"].shape == (3, 7, 256)
+    (am,) = compiled  # its adapters' parameters are the ones the tour drew
+    with torch.no_grad():
+        got = torch.export.load(tmp_path / "out" / "demo.pt2").module()(*BATCH)["logits"]
+        want = eager_road_forward(tiny_llama(), lambda model, _: model(*BATCH).logits,
+                                  {"math": (am.peft_config["math"], road_params_of(am, "math"))}, ["math"])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 def test_progress_bars_show_unless_quiet(ws):
