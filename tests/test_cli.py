@@ -34,6 +34,7 @@ BATCH = token_batch(3, 7, left_pad=2)  # (input_ids, attention_mask) the outputs
 DEMO = ("demo",)
 INSPECT = ("inspect", "my-llama", "--target-modules", "all-linear", "--exclude", "down_proj")
 INSPECT_4BIT = ("inspect", "my-llama", "--load-in-4bit", "--quiet")
+INSPECT_8BIT = ("inspect", "my-llama", "--load-in-8bit", "--quiet")
 MERGE = ("merge", "my-llama", "my-road-adapter", "--out", "merged.pt2", "--save-pretrained", "merged-llama")
 MERGE_OTHER = ("merge", "my-llama", "my-road-adapter", "--adapter-name", "other", "--dtype", "bfloat16",
                "--out", "other.pt2", "--quiet")
@@ -80,7 +81,7 @@ ERRORS = {  # command line -> the one line it prints
 DEBUG = ("inspect", "my-road-adapter", "--debug")
 INSPECT_INCOMPLETE = ("inspect", "incomplete-llama", "--quiet")
 COMMANDS = [MERGE, MERGE_OTHER, CHECK, CHECK_UNPREFIXED, XLORA, XLORA_LAYERWISE,  # longest first
-            *([INSPECT_4BIT] if HAS_BNB else []), INSPECT,
+            *([INSPECT_4BIT, INSPECT_8BIT] if HAS_BNB else []), INSPECT,
             INSPECT_INCOMPLETE, *(argv for argv, _ in ERRORS.values()), DEBUG]
 
 _pool = ThreadPoolExecutor(WORKERS)
@@ -238,7 +239,8 @@ def test_progress_bars_show_unless_quiet(ws):
     assert cli(ws, *MERGE_OTHER).result().stderr == ""
 
 
-@pytest.mark.parametrize("argv", [DEMO, INSPECT, pytest.param(INSPECT_4BIT, marks=needs_bnb), MERGE, MERGE_OTHER,
+@pytest.mark.parametrize("argv", [DEMO, INSPECT, pytest.param(INSPECT_4BIT, marks=needs_bnb),
+                                  pytest.param(INSPECT_8BIT, marks=needs_bnb), MERGE, MERGE_OTHER,
                                   CHECK, CHECK_UNPREFIXED], ids=" ".join)
 def test_runs_print_no_third_party_noise(ws, argv):
     """Nothing from transformers, torch, PEFT or bitsandbytes (its `kernels` notice); bars clear themselves."""
@@ -260,6 +262,13 @@ def test_inspect_lists_every_linear_layer_and_why_it_is_not_matched(ws):
 def test_inspect_loads_4bit_layers_with_peft_default_targets(ws):
     out = ok(ws, *INSPECT_4BIT)
     assert f"{Q_PROJ}  bnb4" in out
+    assert "4 of 15 linear-like layers of LlamaForCausalLM match PEFT's default target_modules for llama" in out
+
+
+@needs_bnb
+def test_inspect_loads_8bit_layers_with_peft_default_targets(ws):
+    out = ok(ws, *INSPECT_8BIT)
+    assert f"{Q_PROJ}  bnb8" in out
     assert "4 of 15 linear-like layers of LlamaForCausalLM match PEFT's default target_modules for llama" in out
 
 
