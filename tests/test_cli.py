@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.util import find_spec
@@ -80,6 +81,8 @@ ERRORS = {  # command line -> the one line it prints
 }
 DEBUG = ("inspect", "my-road-adapter", "--debug")
 INSPECT_INCOMPLETE = ("inspect", "incomplete-llama", "--quiet")
+# the console script pip installs for this interpreter (its scripts directory first), else the first on PATH
+SCRIPT = shutil.which("fx-adapters", path=os.pathsep.join((sysconfig.get_path("scripts"), os.environ.get("PATH", ""))))
 COMMANDS = [MERGE, MERGE_OTHER, CHECK, CHECK_UNPREFIXED, XLORA, XLORA_LAYERWISE,  # longest first
             *([INSPECT_4BIT, INSPECT_8BIT] if HAS_BNB else []), INSPECT,
             INSPECT_INCOMPLETE, *(argv for argv, _ in ERRORS.values()), DEBUG]
@@ -148,17 +151,20 @@ def write_classifier(path: Path, hidden_size: int) -> None:
     save_file(XLoraClassifier(hidden_size, len(XLORA_EXPERTS), n_layers=1).state_dict(), path)
 
 
-def cli(root: Path, *args: str) -> Future:
-    """``python -m fx_adapters *args`` in ``root``, started once per session; the future of its CompletedProcess."""
-    if args not in _runs:
+def cli(root: Path, *args: str, script: bool = False) -> Future:
+    """``python -m fx_adapters *args`` in ``root`` (``script``: the console script ``SCRIPT *args``), started once per
+    session; the future of its CompletedProcess."""
+    key = (SCRIPT,) + args if script else args
+    if key not in _runs:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread each, several processes at once
-        _runs[args] = _pool.submit(_run, root, args, env)
-    return _runs[args]
+        program = [SCRIPT] if script else [sys.executable, "-m", "fx_adapters"]
+        _runs[key] = _pool.submit(_run, root, [*program, *args], env)
+    return _runs[key]
 
 
-def _run(root: Path, args: tuple[str, ...], env: dict) -> subprocess.CompletedProcess:
+def _run(root: Path, argv: list[str], env: dict) -> subprocess.CompletedProcess:
     """Decoded by hand: text mode would turn the progress bars' carriage returns into newlines."""
-    result = subprocess.run([sys.executable, "-m", "fx_adapters", *args], cwd=root, capture_output=True, env=env)
+    result = subprocess.run(argv, cwd=root, capture_output=True, env=env)
     return subprocess.CompletedProcess(result.args, result.returncode, result.stdout.decode(), result.stderr.decode())
 
 
@@ -172,6 +178,8 @@ def ws(tmp_path_factory):
     root = workspace(tmp_path_factory, start_first=(DEMO,))
     for argv in COMMANDS:
         cli(root, *argv)
+    if SCRIPT:
+        cli(root, *INSPECT, script=True)
     yield root
     for args in [args for args, run in _runs.items() if run.cancel()]:  # not started: no selected test needs it
         del _runs[args]
@@ -245,6 +253,13 @@ def test_progress_bars_show_unless_quiet(ws):
 def test_runs_print_no_third_party_noise(ws, argv):
     """Nothing from transformers, torch, PEFT or bitsandbytes (its `kernels` notice); bars clear themselves."""
     assert visible_lines(cli(ws, *argv).result().stderr) == []
+
+
+@pytest.mark.skipif(SCRIPT is None, reason="no fx-adapters console script on PATH (pip install -e . installs it)")
+def test_console_script_runs_what_python_m_fx_adapters_runs(ws):
+    result = cli(ws, *INSPECT, script=True).result()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ok(ws, *INSPECT)
 
 
 # ------------------------------------------------------------------------------------------------ inspect
