@@ -94,18 +94,34 @@ def test_unmerge_then_disabled_is_the_base_model(mlp, tmp_path):
         close(am(mlp_input()), mlp(mlp_input()))
 
 
+def layer_weights(module):
+    """Weights and biases of the model's layers by their base names (PEFT's ``base_layer`` left out of them)."""
+    return {n.replace(".base_layer", ""): p.detach().clone() for n, p in module.named_parameters()
+            if "road_" not in n and not n.startswith("saved_modules.")}
+
+
 def test_sequential_merge_equals_batch_merge(mlp, tmp_path):
-    _, am = both(mlp, dict(zip("pq", SAME_TARGETS)), tmp_path)
+    peft_model, am = both(mlp, dict(zip("pq", SAME_TARGETS)), tmp_path)
+    base = layer_weights(mlp)
+    peft_model.merge_adapter(["p", "q"])
+    expected = layer_weights(peft_model.base_model.model)
     am.merge(["p", "q"])
-    batch = {n: p.detach().clone() for n, p in am.graph_module.named_parameters() if ".road_" not in n}
+    batch = layer_weights(am.graph_module)
+    assert batch.keys() == expected.keys() == base.keys()
+    for name, value in batch.items():
+        close(value, expected[name], atol=1e-4)
     am.unmerge()
+    for name, value in layer_weights(am.graph_module).items():
+        torch.testing.assert_close(value, base[name], atol=1e-6, rtol=0)
     am.merge(["p"])
     with pytest.warns(UserWarning, match=r"Already merged: \['p'\]. Now additionally merging \['q'\]"):
         am.merge(["q"])  # PEFT warns the same
-    for name, value in am.graph_module.named_parameters():
-        if ".road_" not in name:
-            close(value, batch[name], atol=1e-6)
+    for name, value in layer_weights(am.graph_module).items():
+        close(value, batch[name], atol=1e-6)
+        close(value, expected[name], atol=1e-4)
     am.unmerge()
+    for name, value in layer_weights(am.graph_module).items():
+        torch.testing.assert_close(value, base[name], atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("configs", [SAME_TARGETS, DIFFERENT_TARGETS], ids=["same_targets", "different_targets"])
