@@ -27,9 +27,11 @@ QUANTIZATION = {
     "int8": dict(load_in_8bit=True),
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
     "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32),
+    "nf4-nested": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                       bnb_4bit_use_double_quant=True),  # absmax quantized too: a nested quant state
 }
 KINDS = list(QUANTIZATION)
-VARIANT = {"int8": "road_1", "nf4": "road_2", "fp4": "road_4"}  # every variant once
+VARIANT = {"int8": "road_1", "nf4": "road_2", "fp4": "road_4", "nf4-nested": "road_1"}  # every variant at least once
 QUANTIZED_LAYERS = (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
 
 
@@ -230,6 +232,8 @@ def test_merged_layers_are_requantized_with_their_own_settings(quantized, kind):
                 settings = ("quant_type", "blocksize", "compress_statistics", "quant_storage")
                 assert [getattr(layer.weight, s) for s in settings] == [getattr(old.weight, s) for s in settings]
                 assert layer.compute_dtype == old.compute_dtype == torch.float32
+                assert old.weight.compress_statistics is (kind == "nf4-nested")
+                assert layer.weight.quant_state.nested is old.weight.compress_statistics  # absmax quantized again
 
 
 @pytest.mark.parametrize("has_fp16_weights", [False, True])
@@ -320,6 +324,21 @@ def test_unmerge_restores_every_quantized_byte(quantized, kind):
         assert_same_storage(before, {name: storage(m) for name, m in quantized_layers(am.graph_module).items()})
 
 
+def test_unmerge_restores_the_nested_quant_state(load):
+    """On a model that never ran: a first eval forward on a CPU with AVX512-BF16 repacks 4-bit layers, which
+    un-nests their quant state (bitsandbytes 0.50), so the test above may snapshot it un-nested."""
+    config = fxa.RoadConfig(variant="road_2", group_size=8, target_modules="all-linear", init_weights=False)
+    torch.manual_seed(0)
+    am = fxa.compile_with_road(load("nf4-nested"), config).eval()
+    before = {name: storage(layer) for name, layer in quantized_layers(am.graph_module).items()}
+    assert before and all({"quant_state.offset", "quant_state.state2.absmax", "quant_state.state2.code"} <= set(t)
+                          for t in before.values())
+    am.merge()
+    logits(am)
+    am.unmerge()
+    assert_same_storage(before, {name: storage(m) for name, m in quantized_layers(am.graph_module).items()})
+
+
 def test_nf4_merge_then_unmerge_does_not_drift(quantized):
     with from_peft(quantized, "nf4") as (_, am):
         expected = logits(am)
@@ -360,12 +379,18 @@ def test_inverse_unmerge_drifts_no_more_than_peft(quantized, kind):
 # ---------------------------------------------------------------------------------------- fold / unfold
 
 
-@pytest.mark.parametrize("kind", ["int8", "fp4"])
+@pytest.mark.parametrize("kind", ["int8", "fp4", "nf4-nested"])
 def test_folded_module_computes_the_merged_model(quantized, kind):
     with from_peft(quantized, kind) as (_, am):
         folded = am.fold()
         am.merge()
         assert torch.equal(logits(folded), logits(am))
+
+
+def test_folded_layers_keep_double_quantization(quantized):
+    with from_peft(quantized, "nf4-nested") as (_, am):
+        layers = quantized_layers(am.fold())
+    assert layers and all(m.weight.compress_statistics and m.weight.quant_state.nested for m in layers.values())
 
 
 def test_unfold_gives_back_the_quantized_weights_of_the_adapted_module(quantized):
