@@ -26,8 +26,9 @@ DIFFERENT_TARGETS = (dict(target_modules=["lin0"], group_size=2), dict(target_mo
                                                                        variant="road_4"))
 
 
-def both(model, configs: dict[str, dict], tmp_path, example=None):
-    """PEFT's model and ours with the same random adapters (PEFT initialises, ours loads its checkpoint)."""
+def both(model, configs: dict[str, dict], tmp_path, example=None, before_save=None):
+    """PEFT's model and ours with the same random adapters (PEFT initialises, ours loads its checkpoint);
+    ``before_save(peft_model)`` may change PEFT's model before it is saved."""
     torch.manual_seed(0)
     peft_model = None
     for name, cfg in configs.items():
@@ -36,6 +37,8 @@ def both(model, configs: dict[str, dict], tmp_path, example=None):
             peft_model = get_peft_model(copy.deepcopy(model), peft_cfg, adapter_name=name)
         else:
             peft_model.add_adapter(name, peft_cfg)
+    if before_save is not None:
+        before_save(peft_model)
     peft_model.save_pretrained(tmp_path)
     am = None
     for name in configs:
@@ -200,31 +203,66 @@ def test_llama_mixed_batch_across_different_targets_equals_peft(llama_pair):
 SAVING = dict(target_modules=["lin0"], modules_to_save=["lin1"], group_size=2)
 
 
-def trained_copy(peft_model, am, name):
-    """Make the adapter's lin1 copy differ from lin1 in both models (PEFT starts it as an exact copy)."""
+def perturb_saved_copies(peft_model):
+    """Train-like changes of the adapters' lin1 copies in PEFT's model (PEFT starts them as exact copies). Not a
+    shift shared by both outputs: LogSoftmax would hide it."""
     with torch.no_grad():
-        peft_copy = peft_model.base_model.model.lin1.modules_to_save[name]
-        peft_copy.weight.add_(0.3)
+        for peft_copy in peft_model.base_model.model.lin1.modules_to_save.values():
+            peft_copy.weight.add_(0.3 * torch.randn_like(peft_copy.weight))
+            if peft_copy.bias is not None:
+                peft_copy.bias.add_(torch.tensor([-0.2, 0.4]))
+
+
+def trained_copy(peft_model, am):
+    """Make the adapters' lin1 copies differ from lin1 in both models."""
+    perturb_saved_copies(peft_model)
+    with torch.no_grad():
         ours = am.graph_module.saved_modules["lin1"]
-        ours.weight[name].copy_(peft_copy.weight)
-        if peft_copy.bias is not None:
-            peft_copy.bias.sub_(0.2)
-            ours.bias[name].copy_(peft_copy.bias)
+        for name, peft_copy in peft_model.base_model.model.lin1.modules_to_save.items():
+            ours.weight[name].copy_(peft_copy.weight)
+            if peft_copy.bias is not None:
+                ours.bias[name].copy_(peft_copy.bias)
+
+
+def peft_mixed_batch(peft_model, x, names):
+    """PEFT's output of each sample with its adapter active (``__base__``: disabled), as PEFT's own mixed-batch tests
+    check. Not PEFT's ``adapter_names`` path: for RoAd, PEFT 0.21 hooks ``adapter_names`` into its RoAd layers only,
+    so a ``modules_to_save`` layer gives every sample the active adapter's copy (its LoRA hooks both)."""
+    active, outputs = peft_model.active_adapter, {}
+    for name in set(names):
+        if name == "__base__":
+            with peft_model.disable_adapter():
+                outputs[name] = peft_model(x)
+        else:
+            peft_model.set_adapter(name)
+            outputs[name] = peft_model(x)
+    peft_model.set_adapter(active)
+    return torch.stack([outputs[name][i] for i, name in enumerate(names)])
 
 
 def test_modules_to_save_equals_peft(mlp, tmp_path):
     peft_model, am = both(mlp, {"p": SAVING, "q": SAME_TARGETS[1]}, tmp_path)
-    trained_copy(peft_model, am, "p")
+    trained_copy(peft_model, am)
     with torch.no_grad():
         close(am(mlp_input()), peft_model(mlp_input()))
 
 
 def test_modules_to_save_in_mixed_batches_equals_peft(mlp, tmp_path):
     peft_model, am = both(mlp, {"p": SAVING, "q": SAME_TARGETS[1]}, tmp_path)
-    trained_copy(peft_model, am, "p")
+    trained_copy(peft_model, am)
     names = ["p", "q", "__base__", "p", "q", "__base__", "p", "p", "q"]
     with torch.no_grad():
-        close(am(mlp_input(), adapter_names=names), peft_model(mlp_input(), adapter_names=names))
+        close(am(mlp_input(), adapter_names=names), peft_mixed_batch(peft_model, mlp_input(), names))
+
+
+@pytest.mark.parametrize("names", [None, ["p", "q", "__base__", "p", "q", "__base__", "p", "p", "q"]],
+                         ids=["active", "mixed_batch"])
+def test_modules_to_save_loaded_from_a_peft_checkpoint_equal_peft(mlp, names, tmp_path):
+    peft_model, am = both(mlp, {"p": SAVING, "q": SAME_TARGETS[1]}, tmp_path, before_save=perturb_saved_copies)
+    assert not torch.allclose(am.graph_module.saved_modules["lin1"].weight["p"], mlp.lin1.weight)  # the checkpoint's
+    with torch.no_grad():
+        expected = peft_model(mlp_input()) if names is None else peft_mixed_batch(peft_model, mlp_input(), names)
+        close(am(mlp_input(), adapter_names=names), expected)
 
 
 def test_modules_to_save_copies_are_trainable_for_the_active_adapter_only(mlp, tmp_path):
@@ -237,7 +275,7 @@ def test_modules_to_save_copies_are_trainable_for_the_active_adapter_only(mlp, t
 
 def test_modules_to_save_round_trip_through_peft(mlp, tmp_path):
     peft_model, am = both(mlp, {"p": SAVING}, tmp_path / "peft")
-    trained_copy(peft_model, am, "p")
+    trained_copy(peft_model, am)
     am.save_adapter(tmp_path / "ours", adapter_name="p")
     from peft import PeftModel
 
@@ -248,7 +286,7 @@ def test_modules_to_save_round_trip_through_peft(mlp, tmp_path):
 
 def test_fold_and_merge_use_the_modules_to_save_copy(mlp, tmp_path):
     peft_model, am = both(mlp, {"p": SAVING}, tmp_path)
-    trained_copy(peft_model, am, "p")
+    trained_copy(peft_model, am)
     with torch.no_grad():
         expected = am(mlp_input())
         close(am.fold("p")(mlp_input()), expected)
