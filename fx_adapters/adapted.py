@@ -28,7 +28,7 @@ from .merge import MergeMixin
 from .passes import run_passes
 from .passes.capture import CapturedModel, capture
 from .passes.match import FindLinearLayers, Target, output_head, select_targets
-from .passes.modules_to_save import SaveLinearLayers, saved_modules
+from .passes.modules_to_save import SaveLinearLayers, UnsaveLinearLayers, saved_modules
 from .passes.rewrite import InsertRoadRotations, RemoveRoadRotations, layer_key, road_layers
 from .runtime.rotation import param_size
 
@@ -213,16 +213,21 @@ class AdaptedModule(MergeMixin, nn.Module):
                 p.requires_grad_(name in self._active)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Delete an adapter; rotations that no remaining adapter needs leave the graph."""
+        """Delete an adapter; rotations and ``modules_to_save`` nodes that no remaining adapter needs leave the
+        graph (a layer no adapter saves any more is called as in the captured graph again)."""
         self._check_known(adapter_name, "delete_adapter")
         layers = self._road_layers()
         for name in self._adapter_targets.pop(adapter_name):
             layers[layer_key(name)].remove_adapter(adapter_name)
-        for name in self._saved.pop(adapter_name):  # the SavedLinear node stays: without copies it is the layer
+        for name in self._saved[adapter_name]:
             saved_modules(self.graph_module)[layer_key(name)].remove_copy(adapter_name)
         del self.peft_config[adapter_name]
+        still_saved = {name for a, names in self._saved.items() if a != adapter_name for name in names}
+        unsave = UnsaveLinearLayers([self._layers[n] for n in self._saved.pop(adapter_name) if n not in still_saved])
         keep = {(name, cfg.group_size) for a, cfg in self.peft_config.items() for name in self._adapter_targets[a]}
-        run_passes(self.graph_module, [RemoveRoadRotations(keep)])
+        run_passes(self.graph_module, [RemoveRoadRotations(keep), unsave])
+        for t in unsave.targets:
+            self._layers[t.name] = replace(t, nodes=tuple(unsave.renamed.get(n, n) for n in t.nodes))
         self._generation += 1
         if adapter_name in self._active:
             self._active.remove(adapter_name)

@@ -304,6 +304,36 @@ def test_two_active_adapters_with_modules_to_save_are_refused(mlp, tmp_path):
         am.set_adapter(["p", "q"])
 
 
+def test_deleting_the_last_adapter_saving_a_layer_removes_its_saved_module(mlp, tmp_path):
+    _, am = both(mlp, {"p": SAVING, "q": SAME_TARGETS[1]}, tmp_path, before_save=perturb_saved_copies)
+    am.delete_adapter("p")
+    am.graph_module.graph.lint()
+    assert not [n for n in am.graph_module.graph.nodes if (n.meta.get("fx_adapters") or ("",))[0] == "saved"]
+    assert "lin1" not in am.graph_module.saved_modules
+    modules = [n.target for n in am.graph_module.graph.nodes if n.op == "call_module"]
+    assert modules == ["lin0", "relu", "drop", "lin1", "sm"]  # lin1 is called as in the captured graph again
+    with torch.no_grad():
+        close(am(mlp_input(), adapter_names=["__base__"] * 9), mlp(mlp_input()))
+
+
+def test_deleting_an_adapter_with_modules_to_save_keeps_the_others_equal_to_peft(mlp, tmp_path):
+    peft_model, am = both(mlp, {"p": SAVING, "q": SAME_TARGETS[1]}, tmp_path, before_save=perturb_saved_copies)
+    peft_model.delete_adapter("p")
+    am.delete_adapter("p")
+    assert am.active_adapters == ["q"] and peft_model.active_adapters == ["q"]
+    with torch.no_grad():
+        close(am(mlp_input()), peft_model(mlp_input()))
+
+
+def test_an_adapter_with_modules_to_save_loaded_again_after_deleting_it_equals_peft(mlp, tmp_path):
+    peft_model, am = both(mlp, {"p": SAVING, "q": SAME_TARGETS[1]}, tmp_path, before_save=perturb_saved_copies)
+    am.delete_adapter("p")
+    am.load_adapter(tmp_path / "p", adapter_name="p")
+    names = ["p", "q", "__base__", "p", "q", "__base__", "p", "p", "q"]
+    with torch.no_grad():
+        close(am(mlp_input(), adapter_names=names), peft_mixed_batch(peft_model, mlp_input(), names))
+
+
 def test_layer_rotated_by_one_adapter_cannot_be_saved_by_another(mlp):
     am = fxa.compile_with_road(mlp, fxa.RoadConfig(group_size=2, target_modules=["lin1"]))
     with pytest.raises(ValueError, match="cannot be both rotated"):

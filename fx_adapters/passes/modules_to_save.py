@@ -27,6 +27,7 @@ from .match import Target
 from .rewrite import index_input, layer_key
 
 SAVED_ATTR = "saved_modules"
+REPLACED = "fx_adapters_replaced"  # SavedLinear node meta: (op, target, number of args) of the node it replaced
 
 
 def saved_modules(gm: torch.fx.GraphModule) -> nn.ModuleDict:
@@ -72,8 +73,50 @@ class SaveLinearLayers(PassBase):
                     saved = graph.call_module(f"{SAVED_ATTR}.{key}", (x, weight, bias, index))
                 saved.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "val", "stack_trace")})
                 saved.meta["fx_adapters"] = ("saved", target.name)
+                saved.meta[REPLACED] = (node.op, node.target, len(node.args))
                 node.replace_all_uses_with(saved)
                 graph.erase_node(node)
                 self.renamed[name] = saved.name
+                modified = True
+        return PassResult(graph_module, modified)
+
+
+class UnsaveLinearLayers(PassBase):
+    """Undo ``SaveLinearLayers`` for each target: its ``SavedLinear`` nodes become the layer nodes they replaced
+    (a ``call_module`` of the layer or the ``aten.linear``) and its ``saved_modules`` entry is deleted."""
+
+    def __init__(self, targets: Sequence[Target]):
+        super().__init__()
+        self.targets = list(targets)
+        self.renamed: dict[str, str] = {}  # SavedLinear node name -> the restored layer node's name
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        graph = graph_module.graph
+        nodes = {n.name: n for n in graph.nodes}
+        modified = False
+        for target in self.targets:
+            for name in target.nodes:
+                node = nodes[name]
+                if not is_saved_call(node):
+                    continue
+                op, layer, n_args = node.meta[REPLACED]
+                x, weight, bias = node.args[:3]
+                with graph.inserting_before(node):
+                    if op == "call_module":
+                        restored = graph.call_module(layer, (x,))
+                    else:
+                        restored = graph.call_function(layer, (x, weight, bias)[:n_args])
+                restored.meta.update({k: v for k, v in node.meta.items() if k not in ("fx_adapters", REPLACED)})
+                node.replace_all_uses_with(restored)
+                graph.erase_node(node)
+                if op == "call_module":  # the weight and bias reads SaveLinearLayers added for it
+                    for attr in (weight, bias):
+                        if isinstance(attr, torch.fx.Node) and not attr.users:
+                            graph.erase_node(attr)
+                self.renamed[name] = restored.name
+                modified = True
+            modules = saved_modules(graph_module)
+            if layer_key(target.name) in modules:
+                del modules[layer_key(target.name)]
                 modified = True
         return PassResult(graph_module, modified)
