@@ -29,7 +29,7 @@ from .passes import run_passes
 from .passes.capture import CapturedModel, capture
 from .passes.match import FindLinearLayers, Target, output_head, select_targets
 from .passes.modules_to_save import SaveLinearLayers, UnsaveLinearLayers, saved_modules
-from .passes.rewrite import InsertRoadRotations, RemoveRoadRotations, layer_key, road_layers
+from .passes.rewrite import InsertRoadRotations, OrderRoadRotations, RemoveRoadRotations, layer_key, road_layers
 from .runtime.rotation import param_size
 
 BASE = "__base__"
@@ -168,40 +168,50 @@ class AdaptedModule(MergeMixin, nn.Module):
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Activate one adapter, or several applied in the given order on each layer (R_last ··· R_first).
 
-        The active adapters' parameters (only) become trainable, as in PEFT.
+        The active adapters' parameters (only) become trainable, as in PEFT. Adapters of different group sizes on
+        one layer: its rotation nodes are reordered to follow the list (adapters of equal group size must be
+        adjacent in it; else ``NotImplementedError``).
         """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if not names or len(set(names)) != len(names):
             raise ValueError(f"set_adapter: expected an adapter name or a list of distinct names, got {adapter_name!r}")
         for name in names:
             self._check_known(name, "set_adapter")
-        self._check_composable(names)
+        orders = self._rotation_orders(names)
         savers = [n for n in names if self._saved.get(n)]
         if len(savers) > 1:
             raise ValueError(f"set_adapter({names}): adapters {savers} all have modules_to_save; as in PEFT, at most "
                              "one active adapter may have them")
+        if orders:
+            run_passes(self.graph_module, [OrderRoadRotations(orders)])
         self._active = names
         self._set_trainable()
         self._generation += 1
 
-    def _check_composable(self, names: Sequence[str]) -> None:
-        """Several active adapters of different group sizes on one layer must follow its rotation nodes' order."""
+    def _rotation_orders(self, names: Sequence[str]) -> dict[str, list[int]]:
+        """Layer -> its rotations' group sizes in the order several active adapters need, for the layers whose
+        graph order differs (the graph holds one rotation per layer and group size, run in graph order)."""
         if len(names) < 2:
-            return
+            return {}
         order = {}  # layer -> group sizes in graph order
         for node in self.graph_module.graph.nodes:
             tag = node.meta.get("fx_adapters")
             if node.op == "call_function" and tag and tag[0] == "road" and tag[2] not in order.setdefault(tag[1], []):
                 order[tag[1]].append(tag[2])
+        orders = {}
         for layer, sizes in order.items():
             wanted = [self.peft_config[n].group_size for n in names if layer in self._adapter_targets[n]]
             blocks = [g for i, g in enumerate(wanted) if i == 0 or wanted[i - 1] != g]
-            if len(blocks) != len(set(blocks)) or blocks != [g for g in sizes if g in blocks]:
+            if len(blocks) != len(set(blocks)):
                 raise NotImplementedError(
-                    f"set_adapter({list(names)}): on layer {layer!r} these adapters use group sizes {wanted} in an "
-                    f"order the graph cannot apply (its rotations run as group sizes {sizes}); activate them in "
-                    "that order or give them the same group_size"
+                    f"set_adapter({list(names)}): on layer {layer!r} these adapters use group sizes {wanted}: "
+                    "adapters of one group size separated by another's are not supported (the graph applies all "
+                    "adapters of one group size on a layer together); activate them so that adapters of equal "
+                    "group size are adjacent"
                 )
+            if blocks != [g for g in sizes if g in blocks]:
+                orders[layer] = blocks + [g for g in sizes if g not in blocks]
+        return orders
 
     def _set_trainable(self) -> None:
         for layer in self._road_layers().values():

@@ -151,13 +151,68 @@ def test_unfold_of_a_composed_fold_restores_the_base_weights(mlp, tmp_path):
         close(value, mlp.get_parameter(name), atol=1e-6)
 
 
-def test_active_adapters_of_different_group_sizes_must_follow_the_graph_order(tmp_path):
-    am = fxa.compile_with_road(MLP().eval(), fxa.RoadConfig(group_size=4, target_modules=["lin0"]), adapter_name="g4")
-    am.add_adapter("g2", fxa.RoadConfig(group_size=2, target_modules=["lin0"]))
+GROUP_SIZES = {"g2": dict(target_modules=["lin0", "lin1"], group_size=2),  # loaded first: lin0's first rotation
+               "g4": dict(target_modules=["lin0"], group_size=4, variant="road_2")}
+
+
+@pytest.mark.parametrize("activations", [[["g2", "g4"]], [["g4", "g2"]], [["g4", "g2"], ["g2", "g4"]]],
+                         ids=["graph_order", "reversed", "reversed_then_back"])
+def test_active_adapters_of_different_group_sizes_equal_peft_in_any_order(mlp, activations, tmp_path):
+    peft_model, am = both(mlp, GROUP_SIZES, tmp_path)
+    for names in activations:
+        am.set_adapter(names)
+    peft_model.base_model.set_adapter(activations[-1])
+    am.graph_module.graph.lint()
+    with torch.no_grad():
+        close(am(mlp_input()), peft_model(mlp_input()))
+
+
+def test_mixed_batch_after_reordering_rotations_equals_peft(mlp, tmp_path):
+    peft_model, am = both(mlp, GROUP_SIZES, tmp_path)
     am.set_adapter(["g4", "g2"])
+    names = ["g4", "g2", "__base__", "g2", "g4", "g4", "__base__", "g2", "g4"]
+    with torch.no_grad():
+        close(am(mlp_input(), adapter_names=names), peft_model(mlp_input(), adapter_names=names))
+
+
+def test_merging_reordered_adapters_of_different_group_sizes_equals_peft_merge(mlp, tmp_path):
+    peft_model, am = both(mlp, GROUP_SIZES, tmp_path)
+    peft_model.base_model.set_adapter(["g4", "g2"])
+    am.set_adapter(["g4", "g2"])
+    with torch.no_grad():
+        peft_model.merge_adapter()
+        am.merge()
+        assert am.merged_adapters == ["g4", "g2"]
+        close(am(mlp_input()), peft_model(mlp_input()), atol=1e-4)
+
+
+def test_fold_of_reordered_adapters_of_different_group_sizes_equals_peft(mlp, tmp_path):
+    peft_model, am = both(mlp, GROUP_SIZES, tmp_path)
+    peft_model.base_model.set_adapter(["g4", "g2"])
+    am.set_adapter(["g4", "g2"])
+    with torch.no_grad():
+        close(am.fold()(mlp_input()), peft_model(mlp_input()))
+
+
+def test_deleting_an_adapter_after_reordering_rotations_equals_peft(mlp, tmp_path):
+    peft_model, am = both(mlp, GROUP_SIZES, tmp_path)
+    peft_model.base_model.set_adapter(["g4", "g2"])
+    am.set_adapter(["g4", "g2"])
+    peft_model.delete_adapter("g2")
+    am.delete_adapter("g2")
+    am.graph_module.graph.lint()
+    assert am.active_adapters == peft_model.active_adapters == ["g4"]
+    with torch.no_grad():
+        close(am(mlp_input()), peft_model(mlp_input()))
+
+
+def test_adapters_of_one_group_size_separated_by_another_are_refused(mlp, tmp_path):
+    _, am = both(mlp, dict(GROUP_SIZES, other_g2=dict(target_modules=["lin0"], group_size=2, variant="road_4")),
+                 tmp_path)
+    am.set_adapter("g2")
     with pytest.raises(NotImplementedError, match="group sizes"):
-        am.set_adapter(["g2", "g4"])
-    assert am.active_adapters == ["g4", "g2"]
+        am.set_adapter(["g2", "g4", "other_g2"])
+    assert am.active_adapters == ["g2"]
 
 
 def test_deleting_an_active_adapter_keeps_the_others_active(mlp, tmp_path):
@@ -196,6 +251,33 @@ def test_llama_mixed_batch_across_different_targets_equals_peft(llama_pair):
     with torch.no_grad():
         close(am(input_ids=ids, attention_mask=mask, adapter_names=names).logits,
               peft_model(input_ids=ids, attention_mask=mask, adapter_names=names).logits)
+
+
+@pytest.fixture(scope="module")
+def llama_group_sizes(tmp_path_factory):
+    configs = {"g8": dict(target_modules=["q_proj", "v_proj"], group_size=8),  # loaded first: v_proj's first rotation
+               "g4": dict(target_modules=["v_proj", "o_proj"], group_size=4, variant="road_4")}
+    return both(build_hf("llama"), configs, tmp_path_factory.mktemp("group_sizes"))
+
+
+@pytest.mark.parametrize("names", [["g8", "g4"], ["g4", "g8"]], ids=["graph_order", "reversed"])
+def test_llama_adapters_of_different_group_sizes_equal_peft_in_any_order(llama_group_sizes, names):
+    peft_model, am = llama_group_sizes
+    ids, mask = token_batch(2, 6, left_pad=2)
+    peft_model.base_model.set_adapter(names)
+    am.set_adapter(names)
+    with torch.no_grad():
+        close(am(input_ids=ids, attention_mask=mask).logits, peft_model(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_llama_generate_with_reordered_adapters_equals_peft(llama_group_sizes):
+    peft_model, am = llama_group_sizes
+    ids, mask = token_batch(2, 6, left_pad=2)
+    peft_model.base_model.set_adapter(["g4", "g8"])
+    am.set_adapter(["g4", "g8"])
+    with torch.no_grad():
+        expected = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(am.generate(ids, max_new_tokens=8, attention_mask=mask), expected)
 
 
 # ---------------------------------------------------------------- modules_to_save

@@ -21,7 +21,7 @@ idempotent: a (layer, group size) that already has its rotation is left alone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -125,5 +125,40 @@ class RemoveRoadRotations(PassBase):
             delattr(layer, table.target.rpartition(".")[2])
             if not any(k.startswith("table_g") for k in layer._buffers):
                 del layers[layer_key(tag[1])]
+            modified = True
+        return PassResult(graph_module, modified)
+
+
+class OrderRoadRotations(PassBase):
+    """Reorder the rotations after each call site of the layers in ``orders`` (layer -> all its group sizes,
+    in the order they are to be applied). The chain's nodes stay where they are; each takes the table and
+    group size of its new place, so every user of the chain still reads its last node."""
+
+    def __init__(self, orders: Mapping[str, Sequence[int]]):
+        super().__init__()
+        self.orders = {layer: list(sizes) for layer, sizes in orders.items()}
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        modified = False
+        for node in list(graph_module.graph.nodes):
+            tag = node.meta.get("fx_adapters")
+            if (node.op != "call_function" or not tag or tag[0] != "road" or tag[1] not in self.orders
+                    or _is_rotation_of(node.args[0], tag[1])):
+                continue  # not the first rotation of a chain to reorder
+            layer, chain = tag[1], [node]
+            while len(chain[-1].users) == 1 and _is_rotation_of(next(iter(chain[-1].users)), layer):
+                chain.append(next(iter(chain[-1].users)))
+            tables = {rotation.args[3]: rotation.args[1] for rotation in chain}
+            wanted = self.orders[layer]
+            if sorted(wanted) != sorted(tables):
+                raise ValueError(f"layer {layer!r}: cannot order its rotations of group sizes {list(tables)} as "
+                                 f"{wanted}")
+            if wanted == list(tables):
+                continue
+            for table in tables.values():  # read every table before the chain's first rotation
+                node.prepend(table)
+            for rotation, group_size in zip(chain, wanted):
+                rotation.args = (rotation.args[0], tables[group_size], rotation.args[2], group_size)
+                rotation.meta["fx_adapters"] = ("road", layer, group_size)
             modified = True
         return PassResult(graph_module, modified)
