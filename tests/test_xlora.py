@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 import fx_adapters as fxa
@@ -172,21 +173,63 @@ def test_peft_xlora_checkpoint_loads(setup, tmp_path):
     model, _, dirs = setup
     peft_model = peft_xlora(model, dirs, layerwise_scalings=True)
     state = {k: v for k, v in peft_model.state_dict().items() if "internal_xlora_classifier" in k}
-    save_file(state, tmp_path / "adapter_model.safetensors")  # what PEFT's checkpoint holds (see next test)
+    save_file(state, tmp_path / "adapter_model.safetensors")  # every classifier key in one file
     xm = build(setup, layerwise_scalings=True)
     xm.load_classifier(tmp_path)
     ids, mask = token_batch(2, 6, left_pad=1)
     torch.testing.assert_close(logits(xm, ids, mask), logits(peft_model, ids, mask), atol=ATOL, rtol=0)
 
 
-def test_peft_save_pretrained_checkpoint_lacks_the_classifier_and_is_refused_with_a_hint(setup, tmp_path):
+def perturbed_peft_xlora(setup, seed=0, **config):
+    """PEFT's X-LoRA model whose classifier weights are randomly perturbed (so no fresh classifier matches them)."""
     model, _, dirs = setup
-    peft_xlora(model, dirs).save_pretrained(tmp_path)  # PEFT 0.21 filters out "layers.0.*": expert "0"'s name
+    peft_model = peft_xlora(model, dirs, **config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "internal_xlora_classifier" in name:
+                param.add_(torch.randn_like(param) * 0.5)
+    return peft_model
+
+
+@pytest.mark.parametrize("config", [dict(), dict(xlora_depth=3, xlora_size=16, layerwise_scalings=True)],
+                         ids=["depth1", "depth3-layerwise"])
+@pytest.mark.parametrize("given", ["directory", "file"])
+def test_peft_save_pretrained_checkpoint_loads(setup, tmp_path, config, given):
+    peft_model = perturbed_peft_xlora(setup, **config)
+    peft_model.save_pretrained(tmp_path)  # classifier layer 0 goes to subfolder "0" (expert "0"'s name), see below
+    xm = build(setup, **config)
+    ids, mask = token_batch(2, 6, left_pad=1)
+    expected = logits(peft_model, ids, mask)
+    assert not torch.allclose(logits(xm, ids, mask), expected, atol=1e-3)
+    xm.load_classifier(tmp_path if given == "directory" else tmp_path / "adapter_model.safetensors")
+    torch.testing.assert_close(logits(xm, ids, mask), expected, atol=ATOL, rtol=0)
+
+
+def test_peft_save_pretrained_moves_classifier_layer_0_into_the_folder_of_expert_0(setup, tmp_path):
+    """What the test above relies on, as PEFT 0.21 writes it (its key filter by adapter name drops "….layers.0.…"
+    from the X-LoRA adapter's file and its adapter-name removal turns it into "….layers.weight" in expert 0's)."""
+    perturbed_peft_xlora(setup).save_pretrained(tmp_path)
+    with safe_open(tmp_path / "adapter_model.safetensors", framework="pt") as f:
+        assert not [k for k in f.keys() if "internal_xlora_classifier" in k]
+    with safe_open(tmp_path / "0" / "adapter_model.safetensors", framework="pt") as f:
+        assert {k.split("internal_xlora_classifier.")[1] for k in f.keys() if "internal_xlora_classifier" in k} == {
+            "layers.weight", "layers.bias"}
+
+
+def test_peft_checkpoint_without_its_expert_folders_is_refused_with_a_hint(setup, tmp_path):
+    perturbed_peft_xlora(setup).save_pretrained(tmp_path, selected_adapters=["default"])  # no folder "0"
     xm = build(setup)
     before = snapshot(xm)
-    with pytest.raises(ValueError, match="missing.*save_file"):
+    with pytest.raises(ValueError, match=r"missing \['layers.0.weight', 'layers.0.bias'\].*subfolder.*save_file"):
         xm.load_classifier(tmp_path)
     assert_unchanged(xm, before)
+
+
+def test_pickled_peft_checkpoint_is_refused(setup, tmp_path):
+    perturbed_peft_xlora(setup).save_pretrained(tmp_path, safe_serialization=False)
+    with pytest.raises(FileNotFoundError, match="adapter_model.bin is a pickle, never loaded"):
+        build(setup).load_classifier(tmp_path)
 
 
 def test_classifier_checkpoint_of_another_shape_is_refused(setup, tmp_path):
