@@ -30,12 +30,13 @@ from .passes.capture import CapturedModel, capture
 from .passes.match import FindLinearLayers, Target, output_head, select_targets
 from .passes.modules_to_save import SaveLinearLayers, UnsaveLinearLayers, saved_modules
 from .passes.rewrite import InsertRoadRotations, OrderRoadRotations, RemoveRoadRotations, layer_key, road_layers
+from .runtime.compiled import CompileMixin
 from .runtime.rotation import param_size
 
 BASE = "__base__"
 
 
-class AdaptedModule(MergeMixin, nn.Module):
+class AdaptedModule(CompileMixin, MergeMixin, nn.Module):
     """A captured model whose graph applies RoAd adapters; call it like the original model.
 
     Extra call argument: ``adapter_names`` (one adapter name or ``"__base__"`` per sample) for mixed batches.
@@ -319,7 +320,7 @@ class AdaptedModule(MergeMixin, nn.Module):
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
         index = self._road_input(adapter_names, None if first is None else first.shape[0])
-        return self._captured.call(self.graph_module, *args, extra=(index,), **kwargs)
+        return self._captured.call(self._graph_to_call(), *args, extra=(index,), **kwargs)
 
     def generate(self, input_ids: torch.Tensor, adapter_names: Sequence[str] | None = None, **kwargs) -> torch.Tensor:
         """Generate with a KV cache (``adapter_names``: one adapter or ``"__base__"`` per row); see

@@ -41,6 +41,7 @@ from .passes import run_passes
 from .passes.capture import CapturedModel, _mark_non_persistent_buffers, capture
 from .passes.match import Target, find_linear_layers, output_head
 from .passes.xlora import CLASSIFIER_ATTR, InsertXLoraExperts, TwoPassGraph, find_embedding_layers
+from .runtime.compiled import CompileMixin
 from .runtime.xlora import XLoraClassifier, route_scalings
 
 CLASSIFIER_KEY = "internal_xlora_classifier."  # PEFT's prefix of the classifier's state_dict keys
@@ -54,7 +55,7 @@ PEFT_SAVE_HINT = (
 )
 
 
-class XLoraModule(nn.Module):
+class XLoraModule(CompileMixin, nn.Module):
     """A captured model whose graph runs X-LoRA; call it like the original model. Build it with ``compile_with_xlora``
     (or ``from_captured`` to reuse a capture).
 
@@ -125,7 +126,7 @@ class XLoraModule(nn.Module):
     def forward(self, *args, **kwargs):
         if self._disabled:
             return self._captured.call(self._base_graph_module(), *args, **kwargs)
-        output, scalings = self._two_pass.call(self.graph_module, *args, extra=self._extra_inputs(), **kwargs)
+        output, scalings = self._two_pass.call(self._graph_to_call(), *args, extra=self._extra_inputs(), **kwargs)
         self._record(scalings)
         return output
 

@@ -110,7 +110,8 @@ def _recorded_call(module: nn.Module, runners: list, record: dict, inputs, kwarg
     """Call a compiled module with every graph it runs interpreted by a ``_Recorder`` (its own logic unchanged)."""
     for runner in runners:
         original = runner.call
-        runner.call = lambda gm, *a, _original=original, **k: _original(_recording(gm, record), *a, **k)
+        runner.call = lambda gm, *a, _original=original, **k: _original(
+            _recording(getattr(gm, "_orig_mod", gm), record), *a, **k)  # a torch.compile'd graph: interpret its own
     try:
         return _call(module, inputs, kwargs)
     finally:
