@@ -244,21 +244,37 @@ def generate(s: Settings) -> Row:
 
 
 def compiled(s: Settings) -> Row:
-    """Opt-in: ``am.compile()`` (torch.compile of the emitted graph, inductor on CPU) vs the eager graph, same adapter."""
-    am = m.contenders(1).ours
-    compiled_am = copy.deepcopy(am)
-    compiled_am.compile()
-    graph_ours, compiled_ours = m.ours(am), m.ours(compiled_am)
+    """Opt-in: ``am.compile()`` (torch.compile of the emitted graph, inductor on CPU), unmerged and on row 2's mixed
+    batch, checked against the eager graph first."""
+    c = m.contenders(8)
+    cycle = [*c.names, "__base__"]
+    names = [cycle[i % len(cycle)] for i in range(m.BATCH)]
+    am, (_, xm) = copy.deepcopy(c.ours), m.xlora_contenders()
+    xm_compiled = copy.deepcopy(xm)
+    for module in (am, xm_compiled):
+        module.compile()
+    xlora_batch = m.xlora_inputs()
+    calls = {"base": m.eager(m.base_model()), "ours_compiled": m.ours(am),
+             "ours_compiled_mixed": m.ours(am, adapter_names=names),
+             "xlora_base": lambda: m.base_model()(**xlora_batch, use_cache=False).logits,
+             "xlora_compiled": lambda: xm_compiled(**xlora_batch).logits}
     try:
-        with torch.inference_mode():
-            m.check_close(compiled_ours(), graph_ours(), "torch.compile")  # compiles here
+        with torch.inference_mode():  # compiles here
+            m.check_close(calls["ours_compiled"](), m.ours(c.ours)(), "torch.compile")
+            m.check_close(calls["ours_compiled_mixed"](), m.ours(c.ours, adapter_names=names)(), "torch.compile mixed")
+            m.check_close(calls["xlora_compiled"](), xm(**xlora_batch).logits, "torch.compile X-LoRA")
     except Exception as e:  # noqa: BLE001 - report the failure, keep the run going
         # the first line that says something (inductor's first line is just "backend='inductor' raised:")
         first = next((ln for ln in str(e).strip().splitlines() if ln.strip() and not ln.endswith(":")), "")
         return Row([Line("am.compile() (torch.compile) forward ÷ base", "n/a", "failed (see below)", INFO.text)],
                    notes=[f"torch.compile failed on this machine: {type(e).__name__}: {first}"])
-    t = s.time({"base": m.eager(m.base_model()), "ours": graph_ours, "ours_compiled": compiled_ours})
-    return Row([Line.ratios("am.compile() (torch.compile) forward ÷ base", t, None, "ours_compiled", INFO, "n/a")], t)
+    t = s.time(calls)
+    return Row([Line.ratios("am.compile() (torch.compile) unmerged forward ÷ base", t, None, "ours_compiled", INFO,
+                            "n/a"),
+                Line.ratios(f"am.compile(), mixed batch, {len(c.names)} adapters + __base__ ÷ base", t, None,
+                            "ours_compiled_mixed", INFO, "n/a"),
+                Line("xm.compile(), X-LoRA as row 5 ÷ base (batch 8)", "n/a",
+                     f"{t.ratio('xlora_compiled', 'xlora_base'):.3f}", INFO.text)], t)
 
 
 ROWS: dict[str, Callable[[Settings], Row]] = {
