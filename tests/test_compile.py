@@ -66,8 +66,9 @@ def test_peft_test_mlp_matches_peft(bias, variant, group_size, tmp_path):
         torch.testing.assert_close(am(x, adapter_names=names), peft_model(x, adapter_names=names), atol=1e-5, rtol=0)
 
 
-def test_bf16_model_keeps_fp32_adapters_and_bf16_outputs(tmp_path):
-    model = build_hf("llama", dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_model_keeps_fp32_adapters_and_half_outputs_equal_to_peft(tmp_path, dtype):
+    model = build_hf("llama", dtype=dtype)
     torch.manual_seed(2)
     peft_model = peft_road(model, group_size=8, init_weights=False, target_modules=["q_proj", "o_proj"])
     peft_model.save_pretrained(tmp_path)
@@ -77,7 +78,7 @@ def test_bf16_model_keeps_fp32_adapters_and_bf16_outputs(tmp_path):
     ids, _ = token_batch(2, 5)
     with torch.no_grad():
         ours, theirs = am(input_ids=ids).logits, peft_model(input_ids=ids).logits
-    assert ours.dtype == torch.bfloat16
+    assert ours.dtype == dtype
     assert {p.dtype for n, p in peft_model.named_parameters() if "road_" in n} == {torch.float32}
     torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
 
