@@ -208,3 +208,27 @@ def test_unpickled_module_asks_for_its_model(xlora):
     restored = pickle.loads(pickle.dumps(xlora.ours))
     with pytest.raises(TypeError, match=r"unpickled.*fx_adapters\.generation\.attach\(module, model\)"):
         restored.generate(token_batch(1, 3)[0], max_new_tokens=2)
+
+
+# --------------------------------------------------------------------------------------- other architectures
+
+
+def greedy_without_cache(module, ids, new, **kwargs):
+    """The oracle for the cache: re-run the whole sequence for every token and take the argmax."""
+    with torch.no_grad():
+        for _ in range(new):
+            next_token = module(input_ids=ids, **kwargs).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, next_token], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "mistral"])
+def test_generate_on_other_architectures_equals_greedy_without_cache(arch):
+    """GPT-2 (Conv1D, learned positions), OPT (batch-folding MLP) and Mistral: the cached graphs give the tokens of
+    re-running the compiled forward, whose equivalence with PEFT / eager math the other tests establish."""
+    am = fxa.compile_with_road(build_hf(arch), fxa.RoadConfig(group_size=8, target_modules="all-linear",
+                                                              init_weights=False)).eval()
+    ids, _ = token_batch(2, 5)
+    names = ["default", "__base__"]
+    expected = greedy_without_cache(am, ids, 8, adapter_names=names)
+    assert torch.equal(am.generate(ids, max_new_tokens=8, adapter_names=names, eos_token_id=[]), expected)
