@@ -100,6 +100,23 @@ def test_compile_with_xlora_leaves_the_model_unchanged(setup):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("examples", ["example_kwargs", "example_inputs"])
+def test_compile_with_xlora_accepts_example_inputs_and_kwargs_and_equals_peft(setup, examples):
+    model, _, dirs = setup
+    example_ids, example_mask = token_batch(2, 6)
+    given = ({"example_kwargs": {"input_ids": example_ids}} if examples == "example_kwargs"
+             else {"example_inputs": (example_ids, example_mask)})  # bound positionally: input_ids, attention_mask
+    config = dict(top_k_lora=2, scaling_pass_value=0.3)
+    peft_model = peft_xlora(model, dirs, **config)
+    xm = fxa.compile_with_xlora(model, fxa.XLoraConfig(adapters={f"e{i}": d for i, d in enumerate(dirs)}, **config),
+                                **given)
+    xm.classifier.load_state_dict(peft_classifier_state(peft_model))
+    ids, mask = token_batch(3, 7, seed=4, left_pad=2)  # another batch and length than the examples
+    mask = None if examples == "example_kwargs" else mask  # the graph takes the inputs its examples had
+    torch.testing.assert_close(logits(xm, ids, mask), logits(peft_model, ids, mask), atol=ATOL, rtol=0)
+    torch.testing.assert_close(xm.get_latest_scalings(), peft_model.get_latest_scalings(), atol=ATOL, rtol=0)
+
+
 @pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")  # torch's pytree, pickling any TreeSpec
 def test_pickle_round_trip_keeps_outputs_and_settings(setup):
     xm = build(setup, top_k_lora=2, scaling_pass_value=0.3)
