@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 
@@ -414,6 +415,46 @@ def test_expert_with_other_base_embedding_weights_is_refused(setup):
     config = fxa.XLoraConfig(adapters={"ok": dirs[0], "emb": ({"peft_type": "LORA", "r": 2}, state)})
     with pytest.raises(ValueError, match="'emb'.*base weights for 'model.embed_tokens'.*not the model's"):
         fxa.XLoraModule.from_captured(model, captured, config)
+
+
+def model_state(model):
+    return {n: (t.detach().clone(), t.requires_grad) for n, t in model.state_dict(keep_vars=True).items()}
+
+
+def lora_config_with_road_weights(model, directory):
+    """A directory whose adapter_config.json is a LoRA one but whose weights are a RoAd adapter's (no lora_A/B)."""
+    from peft import LoraConfig, RoadConfig, get_peft_model
+
+    get_peft_model(copy.deepcopy(model), RoadConfig(group_size=8, target_modules=["q_proj"])).save_pretrained(directory)
+    (directory / "adapter_config.json").write_text(json.dumps(LoraConfig(r=2, target_modules=["q_proj"]).to_dict(),
+                                                              default=str))
+    return directory
+
+
+def expert_of_a_smaller_model(_model, directory):
+    import transformers as tf
+
+    other = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+    return save_experts(other, directory, specs=[dict(r=2, target_modules=["q_proj"])])[0]
+
+
+@pytest.mark.parametrize("bad_expert,message", [
+    (lora_config_with_road_weights, r"'bad'.*unexpected key .*road_.*expected PEFT's saved LoRA keys"),
+    (expert_of_a_smaller_model, "64→64 in the model but the expert's LoRA weights are 32→32"),
+], ids=["weights-not-lora", "other-in-out-features"])
+def test_failed_compile_with_xlora_leaves_the_callers_model_untouched(setup, tmp_path, bad_expert, message):
+    model, _, dirs = setup
+    before, config = model_state(model), model.config.to_dict()
+    xcfg = fxa.XLoraConfig(adapters={"ok": dirs[0], "bad": bad_expert(model, tmp_path)})  # the config alone passes
+    with pytest.raises(ValueError, match=message):
+        fxa.compile_with_xlora(model, xcfg)  # fails after capturing the model
+    after = model_state(model)
+    assert after.keys() == before.keys()
+    for name, (tensor, requires_grad) in before.items():
+        assert torch.equal(after[name][0], tensor) and after[name][1] == requires_grad, name
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert model.config.to_dict() == config
 
 
 def test_wrong_hidden_size_is_refused(setup):
