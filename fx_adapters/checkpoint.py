@@ -32,8 +32,12 @@ def read_adapter_weights(adapter_dir: str | Path, source: str | None = None) -> 
     weights = Path(adapter_dir) / WEIGHTS_NAME
     prefix = f"{source}: " if source else ""
     if not weights.is_file():
-        hint = " (only adapter_model.bin is there: it is a pickle, which fx_adapters never loads; re-save it with " \
-               "safe_serialization=True)" if (Path(adapter_dir) / "adapter_model.bin").exists() else ""
+        if (Path(adapter_dir) / "adapter_model.bin").exists():
+            hint = " (only adapter_model.bin is there: it is a pickle, which fx_adapters never loads; re-save it with " \
+                   "safe_serialization=True)"
+        else:
+            hint = f"; {adapter_dir} has no adapter weights file: PEFT's save_pretrained writes {WEIGHTS_NAME} next " \
+                   f"to {CONFIG_NAME}, so re-save the adapter there or copy its {WEIGHTS_NAME} in"
         raise FileNotFoundError(f"{prefix}{weights}: missing{hint}")
     try:
         return load_file(weights)

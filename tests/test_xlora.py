@@ -463,6 +463,18 @@ def test_wrong_hidden_size_is_refused(setup):
         fxa.XLoraModule.from_captured(model, captured, fxa.XLoraConfig(adapters={"a": dirs[0]}, hidden_size=4096))
 
 
+def test_expert_dir_without_a_weights_file_names_the_dir_and_the_file_to_add(setup, tmp_path):
+    model, captured, dirs = setup
+    (tmp_path / "adapter_config.json").write_text((dirs[0] / "adapter_config.json").read_text())
+    config = fxa.XLoraConfig(adapters={"ok": dirs[0], "empty": tmp_path})  # the config alone passes
+    with pytest.raises(FileNotFoundError) as raised:
+        fxa.XLoraModule.from_captured(model, captured, config)
+    message = str(raised.value)
+    assert message.startswith(f"X-LoRA expert 'empty' ({tmp_path}): {tmp_path / 'adapter_model.safetensors'}: missing")
+    assert f"{tmp_path} has no adapter weights file" in message and "save_pretrained" in message
+    assert "pickle" not in message  # the .bin hint is for a directory that has adapter_model.bin
+
+
 def test_pickled_expert_weights_are_refused(setup, tmp_path):
     _, _, dirs = setup
     (tmp_path / "adapter_config.json").write_text((dirs[0] / "adapter_config.json").read_text())
