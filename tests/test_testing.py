@@ -9,6 +9,7 @@ import torch
 from hypothesis import find, given, settings
 from hypothesis import strategies as st
 from peft import set_peft_model_state_dict
+from torch import nn
 
 import fx_adapters as fxa
 from conftest import VOCAB, build_hf, peft_road, token_batch
@@ -94,6 +95,25 @@ def test_compiled_reference_is_compared_node_by_node(llama):
             assert_equivalent(am, folded, inputs)
     finally:
         table.copy_(original)
+
+
+def test_a_divergence_in_the_final_outputs_only_says_whether_modules_were_compared():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    am = fxa.compile_with_road(model, fxa.RoadConfig(group_size=4, target_modules=["0"]))
+
+    class Shifted(nn.Sequential):  # the same modules at the same paths, the output moved
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    class Opaque(nn.Module):  # no modules: nothing to compare but the output
+        def forward(self, x):
+            return model(x) + 1
+
+    x = torch.randn(3, 4)
+    with pytest.raises(NotEquivalentError, match=r"^no module output differs \(only the final outputs do\)"):
+        assert_equivalent(am, Shifted(*model), x)
+    with pytest.raises(NotEquivalentError, match=r"^no module output to compare "):
+        assert_equivalent(am, Opaque(), x)
 
 
 def test_mixed_batch_kwargs_go_to_the_compiled_side_only(llama):

@@ -180,20 +180,28 @@ def assert_equivalent(compiled: nn.Module, reference: nn.Module, inputs, *, atol
         return
     divergence = _first_divergence(compiled, reference, inputs, compiled_kwargs, reference_kwargs, atol, rtol)
     i, max_abs, max_rel = failures[0]
-    where = (f"first diverging module: {divergence.module!r} (nn.{divergence.kind}) max abs err "
-             f"{divergence.max_abs:.3g}, max rel err {divergence.max_rel:.3g}" if divergence else
-             "no module output differs (only the final outputs do)")
+    if isinstance(divergence, _Divergence):
+        where = (f"first diverging module: {divergence.module!r} (nn.{divergence.kind}) max abs err "
+                 f"{divergence.max_abs:.3g}, max rel err {divergence.max_rel:.3g}")
+    elif divergence:
+        where = "no module output differs (only the final outputs do)"
+    else:
+        where = ("no module output to compare (no module of the reference matches one of the compiled's by path "
+                 "and output shape)")
     raise NotEquivalentError(f"{where}; output {i}: max abs err {max_abs:.3g}, max rel err {max_rel:.3g}; "
                              f"tolerance atol={atol:g}, rtol={rtol:g}")
 
 
 def _first_divergence(compiled, reference, inputs, compiled_kwargs, reference_kwargs, atol, rtol):
+    """The first differing module's ``_Divergence``; else how many module outputs were compared."""
     _, ours = module_outputs(compiled, inputs, compiled_kwargs)
     _, theirs = module_outputs(reference, inputs, reference_kwargs)
+    compared = 0
     for path, (kind, want) in theirs.items():
         if path not in ours or ours[path][1].shape != want.shape:
             continue
+        compared += 1
         ok, max_abs, max_rel = _compare(ours[path][1], want, atol, rtol)
         if not ok:
             return _Divergence(path, kind, max_abs, max_rel)
-    return None
+    return compared
