@@ -16,6 +16,7 @@ import fx_adapters as fxa
 from conftest import VOCAB, build_hf, eager_road_forward, peft_road, road_params_of, token_batch
 from fx_adapters.testing import assert_equivalent
 from fx_adapters.testing.strategies import adapter_assignments, road_configs, road_state_dicts, token_batches
+from oracles import Oracle
 
 ATOL = 1e-5
 PEFT_ARCHS = ["llama", "mistral", "qwen2", "opt"]
@@ -41,70 +42,71 @@ def arch_setup(request, tmp_path_factory):
     return arch, model, peft_model, am.eval()
 
 
-def logits(module, ids, mask, **kw):
-    with torch.no_grad():
-        return module(input_ids=ids, attention_mask=mask, **kw).logits
+def batch(*args, **kwargs) -> dict[str, torch.Tensor]:
+    """``conftest.token_batch`` as the keyword inputs ``assert_equivalent`` gives both sides."""
+    return dict(zip(("input_ids", "attention_mask"), token_batch(*args, **kwargs)))
 
 
 def test_loaded_adapter_matches_peft(arch_setup):
     _, _, peft_model, am = arch_setup
-    ids, mask = token_batch(3, 7, left_pad=2)
     peft_model.set_adapter("default")
     am.set_adapter("first")
-    torch.testing.assert_close(logits(am, ids, mask), logits(peft_model, ids, mask), atol=ATOL, rtol=0)
+    assert_equivalent(am, peft_model, batch(3, 7, left_pad=2), atol=ATOL, rtol=0)
 
 
 def test_set_adapter_switches_to_the_second_adapter_as_peft(arch_setup):
     _, _, peft_model, am = arch_setup
-    ids, mask = token_batch(2, 5)
     peft_model.set_adapter("second")
     am.set_adapter("second")
-    torch.testing.assert_close(logits(am, ids, mask), logits(peft_model, ids, mask), atol=ATOL, rtol=0)
+    assert_equivalent(am, peft_model, batch(2, 5), atol=ATOL, rtol=0)
 
 
 def test_disabled_adapters_compute_the_base_model(arch_setup):
     _, model, _, am = arch_setup
-    ids, mask = token_batch(2, 6)
     with am.disable_adapters():
-        got = logits(am, ids, mask)
-    torch.testing.assert_close(got, logits(model, ids, mask), atol=ATOL, rtol=0)
+        assert_equivalent(am, model, batch(2, 6), atol=ATOL, rtol=0)
+
+
+def peft_per_sample(peft_model):
+    """PEFT run one sample at a time, each with its adapter (none for ``"__base__"``): logits of the batch."""
+    def run(input_ids, attention_mask, adapter_names):
+        rows = []
+        for i, name in enumerate(adapter_names):
+            sample = dict(input_ids=input_ids[i:i + 1], attention_mask=attention_mask[i:i + 1])
+            if name == "__base__":
+                with peft_model.disable_adapter():
+                    rows.append(peft_model(**sample).logits)
+            else:
+                peft_model.set_adapter(name)
+                rows.append(peft_model(**sample).logits)
+        return torch.cat(rows)
+    return Oracle(run)
 
 
 def test_mixed_batch_matches_peft_run_per_sample(arch_setup):
     """PEFT's own adapter_names path crashes on OPT (its MLP flattens the batch), so PEFT runs each sample."""
     _, _, peft_model, am = arch_setup
-    ids, mask = token_batch(5, 6, left_pad=3)
     peft_names = ["default", "second", "__base__", "second", "default"]
-    expected = []
-    for i, name in enumerate(peft_names):
-        if name == "__base__":
-            with peft_model.disable_adapter():
-                expected.append(logits(peft_model, ids[i:i + 1], mask[i:i + 1]))
-        else:
-            peft_model.set_adapter(name)
-            expected.append(logits(peft_model, ids[i:i + 1], mask[i:i + 1]))
     ours = [{"default": "first"}.get(n, n) for n in peft_names]
-    got = logits(am, ids, mask, adapter_names=ours)
-    torch.testing.assert_close(got, torch.cat(expected), atol=ATOL, rtol=0)
+    assert_equivalent(am, peft_per_sample(peft_model), batch(5, 6, left_pad=3), atol=ATOL, rtol=0,
+                      compiled_kwargs={"adapter_names": ours}, reference_kwargs={"adapter_names": peft_names})
 
 
 def test_mixed_batch_matches_peft_adapter_names(arch_setup):
     arch, _, peft_model, am = arch_setup
     if arch == "opt":
         pytest.skip("PEFT's adapter_names path raises on OPT (covered per sample above)")
-    ids, mask = token_batch(4, 6, left_pad=3)
     peft_names = ["second", "__base__", "default", "second"]
-    expected = logits(peft_model, ids, mask, adapter_names=peft_names)
     ours = [{"default": "first"}.get(n, n) for n in peft_names]
-    torch.testing.assert_close(logits(am, ids, mask, adapter_names=ours), expected, atol=ATOL, rtol=0)
+    assert_equivalent(am, peft_model, batch(4, 6, left_pad=3), atol=ATOL, rtol=0,
+                      compiled_kwargs={"adapter_names": ours}, reference_kwargs={"adapter_names": peft_names})
 
 
 def test_input_ids_alone_match_the_model_with_adapters_disabled(arch_setup):
     _, model, _, am = arch_setup
     ids, _ = token_batch(2, 9)
-    with torch.no_grad(), am.disable_adapters():
-        got = am(input_ids=ids).logits
-    torch.testing.assert_close(got, model(input_ids=ids).logits, atol=ATOL, rtol=0)
+    with am.disable_adapters():
+        assert_equivalent(am, model, {"input_ids": ids}, atol=ATOL, rtol=0)
 
 
 def test_output_has_the_model_output_type(arch_setup):
@@ -176,13 +178,12 @@ def test_gpt2_default_targets_are_peft_defaults(gpt2):
 @pytest.mark.parametrize("assignment", [["default"] * 3, ["other", "__base__", "default"]])
 def test_gpt2_matches_eager_reference_of_the_same_math(gpt2, assignment):
     model, am = gpt2
-    ids, mask = token_batch(3, 6, left_pad=2)
     adapters = {n: (am.adapters[n], road_params_of(am, n)) for n in ("default", "other")}
 
-    def one(m, i):
-        return m(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1]).logits
+    def eager(input_ids, attention_mask, adapter_names):
+        def one(m, i):
+            return m(input_ids=input_ids[i:i + 1], attention_mask=attention_mask[i:i + 1]).logits
+        return eager_road_forward(model, one, adapters, adapter_names)
 
-    with torch.no_grad():
-        expected = eager_road_forward(model, one, adapters, assignment)
-        got = am(input_ids=ids, attention_mask=mask, adapter_names=assignment).logits
-    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    assert_equivalent(am, Oracle(eager), batch(3, 6, left_pad=2), atol=ATOL, rtol=0,
+                      compiled_kwargs={"adapter_names": assignment}, reference_kwargs={"adapter_names": assignment})
