@@ -421,6 +421,12 @@ def model_state(model):
     return {n: (t.detach().clone(), t.requires_grad) for n, t in model.state_dict(keep_vars=True).items()}
 
 
+def model_hooks(model):
+    """Every module's forward (pre-)hooks. Not assumed empty: transformers installs its own output-capturing hooks
+    the first time a model is called with output_hidden_states=True, as a test above does."""
+    return {n: (list(m._forward_hooks.values()), list(m._forward_pre_hooks.values())) for n, m in model.named_modules()}
+
+
 def lora_config_with_road_weights(model, directory):
     """A directory whose adapter_config.json is a LoRA one but whose weights are a RoAd adapter's (no lora_A/B)."""
     from peft import LoraConfig, RoadConfig, get_peft_model
@@ -445,7 +451,7 @@ def expert_of_a_smaller_model(_model, directory):
 ], ids=["weights-not-lora", "other-in-out-features"])
 def test_failed_compile_with_xlora_leaves_the_callers_model_untouched(setup, tmp_path, bad_expert, message):
     model, _, dirs = setup
-    before, config = model_state(model), model.config.to_dict()
+    before, hooks, config = model_state(model), model_hooks(model), model.config.to_dict()
     xcfg = fxa.XLoraConfig(adapters={"ok": dirs[0], "bad": bad_expert(model, tmp_path)})  # the config alone passes
     with pytest.raises(ValueError, match=message):
         fxa.compile_with_xlora(model, xcfg)  # fails after capturing the model
@@ -453,7 +459,7 @@ def test_failed_compile_with_xlora_leaves_the_callers_model_untouched(setup, tmp
     assert after.keys() == before.keys()
     for name, (tensor, requires_grad) in before.items():
         assert torch.equal(after[name][0], tensor) and after[name][1] == requires_grad, name
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert model_hooks(model) == hooks
     assert model.config.to_dict() == config
 
 
