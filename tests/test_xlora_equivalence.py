@@ -15,8 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fx_adapters as fxa
-from conftest import build_hf, token_batch
+from conftest import VOCAB, build_hf, token_batch
 from fx_adapters.passes.capture import capture
+from fx_adapters.testing import assert_equivalent
+from fx_adapters.testing.strategies import token_batches
+from oracles import Oracle
 from peft import get_peft_model_state_dict
 from xlora_helpers import eager_xlora, lora_expert, logits, peft_classifier_state, peft_xlora, save_experts
 
@@ -55,16 +58,20 @@ def build_both(setup, names=("e0", "e1", "e2"), **config):
     return peft_model, ours
 
 
-def assert_same(peft_model, ours, ids, mask):
-    torch.testing.assert_close(logits(ours, ids, mask), logits(peft_model, ids, mask), atol=ATOL, rtol=0)
+def batch(*args, **kwargs) -> dict[str, torch.Tensor]:
+    """``conftest.token_batch`` as the keyword inputs ``assert_equivalent`` gives both sides."""
+    return dict(zip(("input_ids", "attention_mask"), token_batch(*args, **kwargs)))
+
+
+def assert_same(peft_model, ours, inputs):
+    assert_equivalent(ours, peft_model, inputs, atol=ATOL, rtol=0)  # each side's latest scalings are of `inputs`
     torch.testing.assert_close(ours.get_latest_scalings(), peft_model.get_latest_scalings(), atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
 def test_logits_and_scalings_match_peft(setup, config):
     peft_model, ours = build_both(setup, **config)
-    ids, mask = token_batch(3, 7, left_pad=2)
-    assert_same(peft_model, ours, ids, mask)
+    assert_same(peft_model, ours, batch(3, 7, left_pad=2))
 
 
 def test_runtime_setters_match_peft(setup):
@@ -74,25 +81,23 @@ def test_runtime_setters_match_peft(setup):
         module.set_global_scaling_weight(1.7)
         module.set_scaling_pass_value(None)  # 1 / number of experts
     assert ours.get_global_scaling_weight() == peft_model.get_global_scaling_weight() == 1.7
-    ids, mask = token_batch(2, 9, seed=1)
-    assert_same(peft_model, ours, ids, mask)
+    assert_same(peft_model, ours, batch(2, 9, seed=1))
 
 
 def test_any_expert_names_work(setup):
     peft_model, ours = build_both(setup, names=("math", "code", "chat"), top_k_lora=2)
     assert ours.experts == ("math", "code", "chat")
-    ids, mask = token_batch(2, 5, seed=2)
-    assert_same(peft_model, ours, ids, mask)
+    assert_same(peft_model, ours, batch(2, 5, seed=2))
 
 
 def test_disabled_adapters_compute_the_base_model(setup):
     model, _, _ = setup
     peft_model, ours = build_both(setup, scaling_pass_value=0.2)
-    ids, mask = token_batch(2, 6, seed=3)
+    inputs = batch(2, 6, seed=3)
     ours.disable_adapter_layers()
     peft_model.base_model.disable_adapter_layers()
-    torch.testing.assert_close(logits(ours, ids, mask), logits(model, ids, mask), atol=ATOL, rtol=0)
-    torch.testing.assert_close(logits(peft_model, ids, mask), logits(model, ids, mask), atol=ATOL, rtol=0)
+    assert_equivalent(ours, model, inputs, atol=ATOL, rtol=0)
+    assert_equivalent(peft_model, model, inputs, atol=ATOL, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +109,10 @@ def llama():
 @settings(max_examples=8)  # each example saves up to 4 PEFT experts and builds two X-LoRA models: ~0.5 s
 @given(experts=st.lists(st.tuples(st.integers(1, 8), st.sets(st.sampled_from(MODULES), min_size=1),
                                   st.booleans(), st.integers(1, 16)), min_size=1, max_size=4),
-       layerwise=st.booleans(), top_k=st.integers(0, 4), scaling_pass_value=st.sampled_from([0.0, 0.25]))
+       layerwise=st.booleans(), top_k=st.integers(0, 4), scaling_pass_value=st.sampled_from([0.0, 0.25]),
+       inputs=token_batches(VOCAB))
 def test_random_experts_match_peft_and_disable_to_the_base_model(llama, experts, layerwise, top_k,
-                                                                  scaling_pass_value):
+                                                                  scaling_pass_value, inputs):
     model, captured = llama
     config = dict(layerwise_scalings=layerwise, top_k_lora=min(top_k, len(experts)) or None,
                   scaling_pass_value=scaling_pass_value)
@@ -121,10 +127,23 @@ def test_random_experts_match_peft_and_disable_to_the_base_model(llama, experts,
         peft_model = peft_xlora(model, dirs, **config)
     ours = fxa.XLoraModule.from_captured(model, captured, fxa.XLoraConfig(adapters=in_memory, **config))
     ours.classifier.load_state_dict(peft_classifier_state(peft_model))
-    ids, mask = token_batch(2, 5, seed=len(experts))
-    assert_same(peft_model, ours, ids, mask)
+    assert_same(peft_model, ours, inputs)
     ours.disable_adapter_layers()
-    torch.testing.assert_close(logits(ours, ids, mask), logits(model, ids, mask), atol=ATOL, rtol=0)
+    assert_equivalent(ours, model, inputs, atol=ATOL, rtol=0)
+
+
+def assert_eager_oracle_matches(model, xm, dirs, ids):
+    """``xm`` computes ``eager_xlora``'s logits and scalings, which are not the base model's."""
+    runs = []  # the oracle's (logits, scalings): run once, as it is slow on a quantized model
+
+    def eager(input_ids):
+        runs.append(eager_xlora(model, xm, dirs, input_ids))
+        return runs[-1][0]
+
+    assert_equivalent(xm, Oracle(eager), {"input_ids": ids}, atol=ATOL, rtol=0)
+    expected, scalings = runs[-1]
+    assert not torch.allclose(expected, logits(model, ids), atol=1e-3)
+    torch.testing.assert_close(xm.get_latest_scalings(), scalings, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("arch, specs", [
@@ -137,10 +156,7 @@ def test_layers_peft_xlora_cannot_run_match_an_eager_oracle(arch, specs, tmp_pat
     dirs = save_experts(model, tmp_path, specs=specs)
     xm = fxa.compile_with_xlora(model, fxa.XLoraConfig(adapters={"a": dirs[0], "b": dirs[1]}))
     ids, _ = token_batch(2, 6, seed=4)
-    expected, scalings = eager_xlora(model, xm, dirs, ids)
-    assert not torch.allclose(expected, logits(model, ids), atol=1e-3)
-    torch.testing.assert_close(logits(xm, ids), expected, atol=ATOL, rtol=0)
-    torch.testing.assert_close(xm.get_latest_scalings(), scalings, atol=ATOL, rtol=0)
+    assert_eager_oracle_matches(model, xm, dirs, ids)
 
 
 @pytest.mark.parametrize("quantization", [dict(load_in_8bit=True),
@@ -158,7 +174,4 @@ def test_quantized_base_models_match_an_eager_oracle(quantization, tmp_path):
                                                            dict(r=2, target_modules=["v_proj", "down_proj"])])
     xm = fxa.compile_with_xlora(model, fxa.XLoraConfig(adapters={"a": dirs[0], "b": dirs[1]}))
     ids, _ = token_batch(2, 6, seed=4)
-    expected, scalings = eager_xlora(model, xm, dirs, ids)
-    assert not torch.allclose(expected, logits(model, ids), atol=1e-3)
-    torch.testing.assert_close(logits(xm, ids), expected, atol=ATOL, rtol=0)
-    torch.testing.assert_close(xm.get_latest_scalings(), scalings, atol=ATOL, rtol=0)
+    assert_eager_oracle_matches(model, xm, dirs, ids)
