@@ -7,8 +7,6 @@ differs.
 
 >>> import torch, fx_adapters as fxa
 >>> from torch import nn
-
-from ..checkpoint import PEFT_PREFIX
 >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
 >>> am = fxa.compile_with_road(model, fxa.RoadConfig(group_size=4, target_modules=["0"]))
 >>> assert_equivalent(am, model, (torch.randn(3, 4),))   # identity-initialised RoAd: the base model
@@ -123,7 +121,8 @@ def module_outputs(module: nn.Module, inputs, kwargs: Mapping | None = None) -> 
     """Run ``module``; return its output and ``{module path: (class name, output tensor)}`` in completion order.
 
     Compiled modules are run by a ``torch.fx.Interpreter`` (bit-identical to calling them); eager ones
-    (including PEFT models, whose ``base_model.model.`` / X-LoRA's ``base_model.lora_model.model.`` prefix is dropped) with temporary forward hooks.
+    (including PEFT models, whose ``base_model.model.`` or, for X-LoRA, ``base_model.lora_model.model.`` prefix
+    is dropped) with temporary forward hooks.
     """
     record: dict[str, tuple[str, torch.Tensor]] = {}
     with torch.no_grad():
