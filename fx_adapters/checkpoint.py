@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import CONFIG_NAME, WEIGHTS_NAME, RoadConfig
+from .config import CONFIG_NAME, PICKLED_WEIGHTS_NAME, WEIGHTS_NAME, RoadConfig
 
 PEFT_PREFIX = "base_model.model."
 ROAD_PARAMS = ("road_theta", "road_alpha")
@@ -32,9 +32,9 @@ def read_adapter_weights(adapter_dir: str | Path, source: str | None = None) -> 
     weights = Path(adapter_dir) / WEIGHTS_NAME
     prefix = f"{source}: " if source else ""
     if not weights.is_file():
-        if (Path(adapter_dir) / "adapter_model.bin").exists():
-            hint = " (only adapter_model.bin is there: it is a pickle, which fx_adapters never loads; re-save it with " \
-                   "safe_serialization=True)"
+        if (Path(adapter_dir) / PICKLED_WEIGHTS_NAME).exists():
+            hint = f" (only {PICKLED_WEIGHTS_NAME} is there: it is a pickle, which fx_adapters never loads; re-save " \
+                   "it with safe_serialization=True)"
         else:
             hint = f"; {adapter_dir} has no adapter weights file: PEFT's save_pretrained writes {WEIGHTS_NAME} next " \
                    f"to {CONFIG_NAME}, so re-save the adapter there or copy its {WEIGHTS_NAME} in"

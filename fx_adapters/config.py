@@ -20,6 +20,7 @@ from .runtime.rotation import VARIANTS
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLED_WEIGHTS_NAME = "adapter_model.bin"  # PEFT's save_pretrained(safe_serialization=False): never loaded
 
 
 def _check_module_selector(field: str, value) -> list[str] | str | None:

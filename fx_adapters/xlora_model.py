@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import generation
-from .config import CONFIG_NAME, WEIGHTS_NAME, XLoraConfig, check_number, check_top_k
+from .config import CONFIG_NAME, PICKLED_WEIGHTS_NAME, WEIGHTS_NAME, XLoraConfig, check_number, check_top_k
 from .lora_experts import check_experts, read_lora_expert, stack_experts
 from .passes import run_passes
 from .passes.capture import CapturedModel, _mark_non_persistent_buffers, capture
@@ -46,7 +46,6 @@ from .runtime.xlora import XLoraClassifier, route_scalings
 
 CLASSIFIER_KEY = "internal_xlora_classifier."  # PEFT's prefix of the classifier's state_dict keys
 SAVE_FORMAT = "fx_adapters.xlora_classifier"  # the "format" metadata of save_classifier's files
-PICKLED_WEIGHTS_NAME = "adapter_model.bin"  # PEFT's save_pretrained(safe_serialization=False): never loaded
 PEFT_SAVE_HINT = (
     "PEFT 0.21's save_pretrained keeps classifier layer K out of adapter_model.safetensors when K is an expert's name "
     "('0', '1', …) and writes it into subfolder K instead: load the whole directory save_pretrained wrote (every "
