@@ -164,7 +164,7 @@ def fold_linear(s: Settings) -> Row:
 def _our_fold_contenders(layer) -> dict:
     """``fold_weight`` then ``unfold_weight`` on PEFT's layer's weights, columns computed from its parameters."""
     import fx_adapters as fxa
-    from fx_adapters.runtime.rotation import road_columns
+    from fx_adapters.road.rotation import road_columns
 
     adapter = layer.active_adapters[0]
     weight, bias = layer.get_base_layer().weight, layer.get_base_layer().bias

@@ -20,9 +20,9 @@ import torch
 from torch.export import Dim
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
-from .merge import MergeMixin
-from .passes.fold import QUANTIZED_KINDS
-from .passes.match import layer_kind
+from .graph import bnb
+from .graph.match import layer_kind
+from .graph.tags import is_tagged
 
 __all__ = ["export"]
 
@@ -47,14 +47,14 @@ def export(module: torch.nn.Module, path: str | os.PathLike, example_inputs: tup
 
     A model with bitsandbytes layers cannot be exported (``torch.export`` cannot trace them): ``ValueError``.
     """
-    if isinstance(module, MergeMixin):
-        _refuse_quantized(module.graph_module)
+    if not isinstance(module, torch.fx.GraphModule) and callable(getattr(module, "fold", None)):
+        _refuse_quantized(module.graph_module)  # a compiled module: export what it folds to
         module = module.fold()
     if not isinstance(module, torch.fx.GraphModule):
         raise TypeError(f"export: expected an AdaptedModule or the GraphModule of am.fold(), got "
                         f"{type(module).__name__}")
     _refuse_quantized(module)
-    adapted = [n.name for n in module.graph.nodes if "fx_adapters" in n.meta]
+    adapted = [n.name for n in module.graph.nodes if is_tagged(n)]
     if adapted:
         raise ValueError(f"export: this graph still applies adapters (nodes {adapted[:3]}); pass the AdaptedModule "
                          "or its am.fold()")
@@ -84,7 +84,7 @@ def _refuse_quantized(gm: torch.fx.GraphModule) -> None:
     """Raise before ``torch.export`` fails deep inside bitsandbytes on a quantized layer."""
     for node in gm.graph.find_nodes(op="call_module"):
         layer = gm.get_submodule(node.target)
-        if layer_kind(type(layer)) in QUANTIZED_KINDS:
+        if layer_kind(type(layer)) in bnb.KINDS:
             raise ValueError(
                 f"export: layer {node.target!r} is a bitsandbytes {type(layer).__name__}, which torch.export cannot "
                 "trace, so a quantized model cannot be written as a .pt2. Export it in floating point instead: load "

@@ -1,4 +1,4 @@
-"""Tests of fx_adapters.passes.capture, with the eager model as the oracle."""
+"""Tests of fx_adapters.graph.capture, with the eager model as the oracle."""
 
 import copy
 import pickle
@@ -20,7 +20,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from fx_adapters.passes.capture import CaptureError, capture
+from fx_adapters.graph.capture import CaptureError, capture
 
 VOCAB = 128
 _DECODER = dict(

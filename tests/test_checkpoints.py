@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+from conftest import build_hf, peft_road, road_params_of, token_batch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 import fx_adapters as fxa
-from conftest import build_hf, peft_road, road_params_of, token_batch
 
 CONFIG = dict(variant="road_4", group_size=4, init_weights=False, target_modules=["q_proj", "up_proj"])
 

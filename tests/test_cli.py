@@ -19,10 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import VOCAB, build_hf, eager_road_forward, peft_road, road_params_of, token_batch
 from peft import RoadConfig
 from safetensors.torch import load_file, save_file
-
-from conftest import VOCAB, build_hf, eager_road_forward, peft_road, road_params_of, token_batch
 from xlora_helpers import EXPERT_SPECS, lora_expert
 
 HAS_BNB = find_spec("bitsandbytes") is not None
@@ -145,7 +144,7 @@ def char_tokenizer():
 
 def write_classifier(path: Path, hidden_size: int) -> None:
     """An X-LoRA classifier checkpoint for the two experts, not layerwise (random weights stand for trained ones)."""
-    from fx_adapters.runtime.xlora import XLoraClassifier
+    from fx_adapters.xlora.modules import XLoraClassifier
 
     torch.manual_seed(1)  # not the CLI's seed 0: these weights differ from the untrained classifier's
     save_file(XLoraClassifier(hidden_size, len(XLORA_EXPERTS), n_layers=1).state_dict(), path)
@@ -223,8 +222,8 @@ def test_demo_out_keeps_a_pt2_that_computes_the_math_adapter_eagerly(tmp_path, m
     """In this process: the tour's work is the same as in a subprocess, without the start-up. The oracle is the
     demo's tiny Llama run eagerly with PEFT's rotation in forward hooks, from the 'math' adapter's parameters."""
     import fx_adapters as fxa
-    from fx_adapters.cli._common import UI
-    from fx_adapters.demo import run, tiny_llama
+    from fx_adapters.cli._ui import UI
+    from fx_adapters.cli.demo import tiny_llama, tour
 
     compiled, compile_with_road = [], fxa.compile_with_road
 
@@ -233,7 +232,7 @@ def test_demo_out_keeps_a_pt2_that_computes_the_math_adapter_eagerly(tmp_path, m
         return compiled[-1]
 
     monkeypatch.setattr(fxa, "compile_with_road", compile_and_keep)
-    assert run(UI(quiet=True), str(tmp_path / "out")) == 0
+    assert tour(UI(quiet=True), str(tmp_path / "out")) == 0
     (am,) = compiled  # its adapters' parameters are the ones the tour drew
     with torch.no_grad():
         got = torch.export.load(tmp_path / "out" / "demo.pt2").module()(*BATCH)["logits"]
@@ -373,8 +372,9 @@ def test_debug_shows_the_traceback(ws):
 def xlora_oracle(root: Path, ids: tuple[int, ...], classifier: bool, **config) -> tuple[torch.Tensor, torch.Tensor]:
     """In this process, what ``fx-adapters xlora`` runs: ``get_latest_scalings()`` (seq, layers, experts) and the
     logits (seq, vocab) of the saved model with the experts, on ``ids``."""
-    import fx_adapters as fxa
     from transformers import AutoModelForCausalLM
+
+    import fx_adapters as fxa
 
     model = AutoModelForCausalLM.from_pretrained(root / "my-llama").eval()
     torch.manual_seed(0)  # the CLI's seed for the untrained classifier (set before the capture, which draws too)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import MLP, build_hf, mlp_input, peft_road, token_batch
 from hypothesis import given
 from hypothesis import strategies as st
 
 import fx_adapters as fxa
-from conftest import MLP, build_hf, mlp_input, peft_road, token_batch
 
 
 def state_of(model):

@@ -6,11 +6,13 @@ import copy
 
 import pytest
 import torch
+from conftest import MLP, build_hf, mlp_input, token_batch
 from peft import RoadConfig as PeftRoadConfig
 from peft import get_peft_model
 
 import fx_adapters as fxa
-from conftest import MLP, build_hf, mlp_input, token_batch
+from fx_adapters.graph.tags import tag_of, tagged
+from fx_adapters.road.modules_to_save import SavedTag
 
 SINGLE_CONFIGS = [
     dict(target_modules=["lin0"], group_size=2),
@@ -221,7 +223,7 @@ def test_deleting_an_active_adapter_keeps_the_others_active(mlp, tmp_path):
     am.delete_adapter("p")
     assert am.active_adapters == ["q"] and am.active_adapter == "q"
     am.graph_module.graph.lint()
-    assert not [n for n in am.graph_module.graph.nodes if (n.meta.get("fx_adapters") or ("",))[1:2] == ("lin0",)]
+    assert not [n for n in am.graph_module.graph.nodes if getattr(tag_of(n), "layer", None) == "lin0"]
 
 
 # ---------------------------------------------------------------- the same on a tiny Llama
@@ -299,11 +301,11 @@ def trained_copy(peft_model, am):
     """Make the adapters' lin1 copies differ from lin1 in both models."""
     perturb_saved_copies(peft_model)
     with torch.no_grad():
-        ours = am.graph_module.saved_modules["lin1"]
         for name, peft_copy in peft_model.base_model.model.lin1.modules_to_save.items():
-            ours.weight[name].copy_(peft_copy.weight)
+            ours = am.adapter_parameters(name)
+            ours["lin1", "weight"].copy_(peft_copy.weight)
             if peft_copy.bias is not None:
-                ours.bias[name].copy_(peft_copy.bias)
+                ours["lin1", "bias"].copy_(peft_copy.bias)
 
 
 def peft_mixed_batch(peft_model, x, names):
@@ -341,7 +343,7 @@ def test_modules_to_save_in_mixed_batches_equals_peft(mlp, tmp_path):
                          ids=["active", "mixed_batch"])
 def test_modules_to_save_loaded_from_a_peft_checkpoint_equal_peft(mlp, names, tmp_path):
     peft_model, am = both(mlp, {"p": SAVING, "q": SAME_TARGETS[1]}, tmp_path, before_save=perturb_saved_copies)
-    assert not torch.allclose(am.graph_module.saved_modules["lin1"].weight["p"], mlp.lin1.weight)  # the checkpoint's
+    assert not torch.allclose(am.adapter_parameters("p")["lin1", "weight"], mlp.lin1.weight)  # the checkpoint's
     with torch.no_grad():
         expected = peft_model(mlp_input()) if names is None else peft_mixed_batch(peft_model, mlp_input(), names)
         close(am(mlp_input(), adapter_names=names), expected)
@@ -390,7 +392,7 @@ def test_deleting_the_last_adapter_saving_a_layer_removes_its_saved_module(mlp, 
     _, am = both(mlp, {"p": SAVING, "q": SAME_TARGETS[1]}, tmp_path, before_save=perturb_saved_copies)
     am.delete_adapter("p")
     am.graph_module.graph.lint()
-    assert not [n for n in am.graph_module.graph.nodes if (n.meta.get("fx_adapters") or ("",))[0] == "saved"]
+    assert not [n for n, _ in tagged(am.graph_module.graph, SavedTag)]
     assert "lin1" not in am.graph_module.saved_modules
     modules = [n.target for n in am.graph_module.graph.nodes if n.op == "call_module"]
     assert modules == ["lin0", "relu", "drop", "lin1", "sm"]  # lin1 is called as in the captured graph again

@@ -9,9 +9,9 @@ import textwrap
 
 import pytest
 import torch
+from conftest import MLP, build_hf, mlp_input, token_batch
 
 import fx_adapters as fxa
-from conftest import MLP, build_hf, mlp_input, token_batch
 
 # (batch, seq) of the calls: other sizes than the (2, 8) examples of the capture, to exercise dynamic dims
 SHAPES = [(3, 5), (1, 11), (4, 1)]

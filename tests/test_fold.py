@@ -8,17 +8,16 @@ import pickle
 
 import pytest
 import torch
+from conftest import MLP, build_hf, mlp_input, peft_road, token_batch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from peft import get_peft_model_state_dict
 from torch import nn
 
 import fx_adapters as fxa
-from conftest import MLP, build_hf, mlp_input, peft_road, token_batch
-from fx_adapters.passes.fold import Fold, RotateWeights
-from fx_adapters.passes.match import Target
-from fx_adapters.passes.rewrite import layer_key
-from fx_adapters.runtime.rotation import param_size, road_columns, rotate
+from fx_adapters.graph.match import Target
+from fx_adapters.road.fold import Fold, RotateWeights
+from fx_adapters.road.rotation import param_size, road_columns, rotate
 
 ATOL = 1e-5
 ARCHS = ["mlp", "mlp_no_bias", "llama", "qwen2", "gpt2"]
@@ -96,8 +95,8 @@ def weights(am) -> dict[str, torch.Tensor]:
 
 
 def params_of(am, name, target):
-    layer = am.graph_module.road_adapters[layer_key(target)]
-    return layer.road_theta[name], layer.road_alpha[name]
+    params = am.adapter_parameters(name)
+    return params[target, "road_theta"], params[target, "road_alpha"]
 
 
 # ------------------------------------------------------------------------------------------------ merge

@@ -11,12 +11,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import build_hf, peft_road, token_batch
 from peft import RoadConfig as PeftRoadConfig
 from torch import nn
+from xlora_helpers import peft_classifier_state, peft_xlora, save_experts
 
 import fx_adapters as fxa
-from conftest import build_hf, peft_road, token_batch
-from xlora_helpers import peft_classifier_state, peft_xlora, save_experts
 
 pytestmark = pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`:UserWarning",
                                         "ignore:`isinstance(treespec, LeafSpec)`:FutureWarning")
@@ -163,7 +163,8 @@ def test_greedy_road_tokens_equal_peft(road):
 def test_road_mixed_batch_tokens_equal_peft(road):
     ids, mask = padded_batch()
     expected = peft_generate(road.peft, ids, mask, adapter_names=["second", "__base__", "default"])
-    got = road.ours.generate(ids, max_new_tokens=NEW, attention_mask=mask, adapter_names=["second", "__base__", "first"])
+    got = road.ours.generate(ids, max_new_tokens=NEW, attention_mask=mask,
+                             adapter_names=["second", "__base__", "first"])
     assert torch.equal(got, expected)
 
 
@@ -199,14 +200,15 @@ def test_more_tokens_than_positions_raise_naming_the_limit(road):
 
 
 def test_module_of_a_plain_model_cannot_generate():
-    am = fxa.compile_with_road(nn.Sequential(nn.Linear(4, 8)).eval(), fxa.RoadConfig(group_size=4, target_modules="all-linear"))
+    am = fxa.compile_with_road(nn.Sequential(nn.Linear(4, 8)).eval(),
+                               fxa.RoadConfig(group_size=4, target_modules="all-linear"))
     with pytest.raises(TypeError, match="compiled from a Sequential, not a transformers causal LM"):
         am.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2)
 
 
 def test_unpickled_module_asks_for_its_model(xlora):
     restored = pickle.loads(pickle.dumps(xlora.ours))
-    with pytest.raises(TypeError, match=r"unpickled.*fx_adapters\.generation\.attach\(module, model\)"):
+    with pytest.raises(TypeError, match=r"unpickled.*fx_adapters\.graph\.generation\.attach\(module, model\)"):
         restored.generate(token_batch(1, 3)[0], max_new_tokens=2)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from conftest import MLP, build_hf, peft_road
 from hypothesis import given
 from hypothesis import strategies as st
 from peft.tuners.road.layer import RoadLayer as PeftRoadLayer
@@ -12,8 +13,9 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_ROAD_TARGET_MODULES_MAPPING
 
 import fx_adapters as fxa
-from conftest import MLP, build_hf, peft_road
-from fx_adapters.passes.match import DEFAULT_TARGETS, select_targets
+from fx_adapters.graph.match import DEFAULT_TARGETS, select_targets
+from fx_adapters.graph.tags import tagged
+from fx_adapters.road.rewrite import RotationTag
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
@@ -36,7 +38,7 @@ def peft_targets(model, **config):
 
 def our_targets(am, **config):
     try:
-        report = select_targets(list(am._layers.values()), config.get("target_modules"),
+        report = select_targets(list(am.linear_layers), config.get("target_modules"),
                                 config.get("exclude_modules"), model_type="llama", output_head="lm_head")
     except ValueError:
         return set()
@@ -64,7 +66,7 @@ def test_exclude_modules_follow_peft_rule(llama, target_modules, exclude_modules
     _, am = llama
     rule = SimpleNamespace(target_modules=target_modules, exclude_modules=exclude_modules, modules_to_save=None,
                            target_parameters=None, layers_to_transform=None, layers_pattern=None)
-    expected = {name for name in am._layers if check_target_module_exists(rule, name)}
+    expected = {t.name for t in am.linear_layers if check_target_module_exists(rule, t.name)}
     assert our_targets(am, target_modules=target_modules, exclude_modules=exclude_modules) == expected
 
 
@@ -107,6 +109,5 @@ def test_unknown_architecture_without_target_modules_asks_for_them():
 def test_rewritten_graph_lints_clean(llama):
     _, am = llama
     am.graph_module.graph.lint()
-    rotations = [n for n in am.graph_module.graph.nodes if n.meta.get("fx_adapters")
-                 and n.op == "call_function"]
+    rotations = [n for n, _ in tagged(am.graph_module.graph, RotationTag) if n.op == "call_function"]
     assert len(rotations) == len(am.targets)

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
 import pytest
-
+import tomllib
 from test_cli import cli, workspace
 
 ROOT = Path(__file__).parents[1]

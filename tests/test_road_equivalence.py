@@ -7,16 +7,16 @@ import itertools
 
 import pytest
 import torch
+from conftest import VOCAB, build_hf, eager_road_forward, peft_road, road_params_of, token_batch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import Oracle
 from peft import RoadConfig as PeftRoadConfig
 from peft import get_peft_model, set_peft_model_state_dict
 
 import fx_adapters as fxa
-from conftest import VOCAB, build_hf, eager_road_forward, peft_road, road_params_of, token_batch
 from fx_adapters.testing import assert_equivalent
 from fx_adapters.testing.strategies import adapter_assignments, road_configs, road_state_dicts, token_batches
-from oracles import Oracle
 
 ATOL = 1e-5
 PEFT_ARCHS = ["llama", "mistral", "qwen2", "opt"]
@@ -172,7 +172,8 @@ def test_gpt2_targets_conv1d_layers(gpt2):
 
 def test_gpt2_default_targets_are_peft_defaults(gpt2):
     _, am = gpt2
-    assert {t.name for t in am.adapter_targets("other")} == {"transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"}
+    expected = {"transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"}
+    assert {t.name for t in am.adapter_targets("other")} == expected
 
 
 @pytest.mark.parametrize("assignment", [["default"] * 3, ["other", "__base__", "default"]])

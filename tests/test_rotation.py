@@ -7,8 +7,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from peft.tuners.road.layer import _apply_road, _get_delta_weight
 
-from fx_adapters.runtime.rotation import (
-    compose, determinants, identity_columns, invert, param_size, road_columns, road_rotate, rotate,
+from fx_adapters.road.rotation import (
+    compose,
+    determinants,
+    identity_columns,
+    invert,
+    param_size,
+    road_columns,
+    road_rotate,
+    rotate,
 )
 
 layer_shapes = st.sampled_from([2, 4, 8, 16]).flatmap(

@@ -6,19 +6,19 @@ import itertools
 
 import pytest
 import torch
+from conftest import VOCAB, build_hf, peft_road, token_batch
 from hypothesis import find, given, settings
 from hypothesis import strategies as st
 from peft import set_peft_model_state_dict
 from torch import nn
+from xlora_helpers import peft_classifier_state, peft_xlora, save_experts
 
 import fx_adapters as fxa
-from conftest import VOCAB, build_hf, peft_road, token_batch
-from fx_adapters.passes.rewrite import layer_key
-from fx_adapters.passes.xlora import EXPERTS_ATTR
-from fx_adapters.runtime.rotation import VARIANTS
+from fx_adapters.graph.match import layer_key
+from fx_adapters.road.rotation import VARIANTS
 from fx_adapters.testing import NotEquivalentError, assert_equivalent
 from fx_adapters.testing.strategies import adapter_assignments, road_configs, road_state_dicts, token_batches
-from xlora_helpers import peft_classifier_state, peft_xlora, save_experts
+from fx_adapters.xlora.passes import EXPERTS_ATTR
 
 _names = (f"t{i}" for i in itertools.count())
 

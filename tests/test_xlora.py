@@ -8,13 +8,13 @@ import pickle
 
 import pytest
 import torch
+from conftest import build_hf, token_batch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from xlora_helpers import logits, peft_classifier_state, peft_xlora, save_experts
 
 import fx_adapters as fxa
-from conftest import build_hf, token_batch
-from fx_adapters.passes.capture import capture
-from xlora_helpers import logits, peft_classifier_state, peft_xlora, save_experts
+from fx_adapters.graph.capture import capture
 
 ATOL = 1e-5
 pytestmark = pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`:UserWarning",
@@ -338,30 +338,48 @@ def test_no_experts_is_refused():
         fxa.XLoraConfig(adapters={})
 
 
-def test_missing_expert_dir_is_refused(tmp_path):
+def test_an_xlora_config_reads_nothing_from_disk(tmp_path):
+    config = fxa.XLoraConfig(adapters={"math": tmp_path / "missing"})  # checked when a model is compiled
+    assert config.adapters == {"math": tmp_path / "missing"}
+
+
+def test_an_expert_that_is_neither_a_path_nor_a_pair_is_refused_by_the_config():
+    with pytest.raises(TypeError, match="'math'.*PEFT LoRA adapter directory or a .*pair, got int"):
+        fxa.XLoraConfig(adapters={"math": 3})
+
+
+def test_missing_expert_dir_is_refused_before_the_model_is_captured(tmp_path, monkeypatch):
+    import fx_adapters.xlora.model as xlora_model
+
+    def no_capture(*args, **kwargs):
+        raise AssertionError("captured before the experts were checked")
+
+    monkeypatch.setattr(xlora_model, "capture", no_capture)
     with pytest.raises(FileNotFoundError, match="'math'.*not a directory"):
-        fxa.XLoraConfig(adapters={"math": tmp_path / "missing"})
+        fxa.compile_with_xlora(build_hf("llama"), fxa.XLoraConfig(adapters={"math": tmp_path / "missing"}))
 
 
-def test_dir_without_adapter_config_is_refused(tmp_path):
+def test_dir_without_adapter_config_is_refused(setup, tmp_path):
+    model, captured, _ = setup
     with pytest.raises(FileNotFoundError, match="no adapter config"):
-        fxa.XLoraConfig(adapters={"math": tmp_path})
+        fxa.XLoraModule.from_captured(model, captured, fxa.XLoraConfig(adapters={"math": tmp_path}))
 
 
-def test_non_lora_adapter_is_refused(tmp_path):
+def test_non_lora_adapter_is_refused(setup, tmp_path):
+    model, captured, _ = setup
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "ROAD", "variant": "road_1"}))
     with pytest.raises(ValueError, match="'math'.*peft_type is 'ROAD'"):
-        fxa.XLoraConfig(adapters={"math": tmp_path})
+        fxa.XLoraModule.from_captured(model, captured, fxa.XLoraConfig(adapters={"math": tmp_path}))
 
 
 def test_dora_expert_is_refused(setup, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    _, _, dirs = setup
+    model, captured, dirs = setup
     dora = LoraConfig(r=2, use_dora=True, target_modules=["q_proj"])
     get_peft_model(build_hf("llama"), dora).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="'dora'.*DoRA.*not support"):
-        fxa.XLoraConfig(adapters={"ok": dirs[0], "dora": tmp_path})
+        fxa.XLoraModule.from_captured(model, captured, fxa.XLoraConfig(adapters={"ok": dirs[0], "dora": tmp_path}))
 
 
 @pytest.mark.parametrize("top_k", [0, 4, 1.5])

@@ -11,17 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import VOCAB, build_hf, token_batch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import fx_adapters as fxa
-from conftest import VOCAB, build_hf, token_batch
-from fx_adapters.passes.capture import capture
-from fx_adapters.testing import assert_equivalent
-from fx_adapters.testing.strategies import token_batches
 from oracles import Oracle
 from peft import get_peft_model_state_dict
-from xlora_helpers import eager_xlora, lora_expert, logits, peft_classifier_state, peft_xlora, save_experts
+from xlora_helpers import eager_xlora, logits, lora_expert, peft_classifier_state, peft_xlora, save_experts
+
+import fx_adapters as fxa
+from fx_adapters.graph.capture import capture
+from fx_adapters.testing import assert_equivalent
+from fx_adapters.testing.strategies import token_batches
 
 ATOL = 1e-5
 pytestmark = pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`:UserWarning",

@@ -13,7 +13,7 @@ import importlib
 import pkgutil
 import sys
 
-from ._common import UI, CLIError, first_line, quiet_libraries
+from ._ui import UI, CLIError, first_line, quiet_libraries
 
 EXIT_BAD_INPUT, EXIT_UNEXPECTED = 2, 3
 

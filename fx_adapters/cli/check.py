@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ._common import DTYPES, CLIError, compile_adapter, first_line, load_model, vocab_size
+from ._models import DTYPES, compile_adapter, load_model, vocab_size
+from ._ui import CLIError, first_line
 
 HELP = "compare the compiled model with PEFT on random batches (hypothesis); name the first diverging layer"
 

@@ -4,7 +4,7 @@ Without --target-modules, PEFT's default targets for the model type are used."""
 
 from __future__ import annotations
 
-from ._common import bad_input, load_model
+from ._models import bad_input, load_model
 
 HELP = "list a model's linear-like layers and which ones an adapter would target"
 
@@ -20,8 +20,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args, ui) -> int:
-    from ..passes.capture import capture
-    from ..passes.match import DEFAULT_TARGETS, FindLinearLayers, output_head, select_targets
+    from ..graph.capture import capture
+    from ..graph.match import DEFAULT_TARGETS, FindLinearLayers, output_head, select_targets
 
     quantization = "8bit" if args.load_in_8bit else "4bit" if args.load_in_4bit else None
     with ui.steps(2) as step:

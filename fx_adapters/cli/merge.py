@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from ._common import DTYPES, CLIError, compile_adapter, existing_dir, load_model, random_batch, vocab_size
+from ..graph.peft_files import CONFIG_NAME
+from ._models import DTYPES, compile_adapter, existing_dir, load_model, random_batch, vocab_size
+from ._ui import CLIError
 
 HELP = "fold a PEFT RoAd adapter into a model and export it (.pt2, optionally a transformers checkpoint)"
-ADAPTER_CONFIG = "adapter_config.json"
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".index.json")
 # export vs unmerged: max abs diff allowed, relative to the largest logit (the fold rounds once per weight)
 RELATIVE_TOLERANCE = {torch.float16: 5e-2, torch.bfloat16: 5e-2}
@@ -94,7 +95,7 @@ def _outputs(args) -> tuple[Path, Path | None]:
 def _adapter_dir(adapter_dir: str, adapter_name: str) -> str:
     """PEFT saves adapter NAME of a model with several in ``ADAPTER_DIR/NAME``."""
     nested = Path(adapter_dir) / adapter_name
-    return str(nested) if (nested / ADAPTER_CONFIG).is_file() else adapter_dir
+    return str(nested) if (nested / CONFIG_NAME).is_file() else adapter_dir
 
 
 def _refuse_tied(model: torch.nn.Module, targets) -> None:

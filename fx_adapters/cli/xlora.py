@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import CLIError, bad_input, existing_dir, first_line, load_model, vocab_size
+from ._models import bad_input, existing_dir, load_model, vocab_size
+from ._ui import CLIError, first_line
 
 HELP = "run X-LoRA on a prompt: a table of each token's expert scalings, and the next token"
 UNTRAINED_SEED = 0  # the untrained classifier's initialization, the same on every run
@@ -39,7 +40,7 @@ def add_arguments(parser) -> None:
 def run(args, ui) -> int:
     import fx_adapters as fxa
 
-    from ..runtime.xlora import route_scalings
+    from ..xlora.modules import route_scalings
 
     with bad_input():  # the experts' configs (not a LoRA adapter, DoRA, ...), --top-k, --softmax-temperature
         config = fxa.XLoraConfig(adapters=_experts(args.expert), layerwise_scalings=args.layerwise,

@@ -28,7 +28,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from ..checkpoint import PEFT_PREFIX
+from ..graph.capture import interpreting_graphs
+from ..graph.peft_files import PEFT_PREFIX
 
 __all__ = ["NotEquivalentError", "assert_equivalent", "module_outputs"]
 
@@ -95,26 +96,9 @@ def _recording(gm: torch.fx.GraphModule, record: dict) -> Callable:
     return run
 
 
-_RUNNERS = ("_captured", "_two_pass")  # a compiled module's CapturedModels: their .call(gm, ...) runs its graphs
-
-
-def _runners(module: nn.Module) -> list:
-    """The CapturedModels through which ``module`` (an AdaptedModule, XLoraModule, …) runs its graphs."""
-    found = {id(r): r for r in (getattr(module, name, None) for name in _RUNNERS) if r is not None}
-    return list(found.values())
-
-
-def _recorded_call(module: nn.Module, runners: list, record: dict, inputs, kwargs: Mapping | None):
-    """Call a compiled module with every graph it runs interpreted by a ``_Recorder`` (its own logic unchanged)."""
-    for runner in runners:
-        original = runner.call
-        runner.call = lambda gm, *a, _original=original, **k: _original(
-            _recording(getattr(gm, "_orig_mod", gm), record), *a, **k)  # a torch.compile'd graph: interpret its own
-    try:
-        return _call(module, inputs, kwargs)
-    finally:
-        for runner in runners:
-            del runner.call
+def _is_compiled(module: nn.Module) -> bool:
+    """A compiled module (AdaptedModule, XLoraModule, …): it runs its graphs through ``CapturedModel.call``."""
+    return isinstance(getattr(module, "graph_module", None), torch.fx.GraphModule)
 
 
 def module_outputs(module: nn.Module, inputs, kwargs: Mapping | None = None) -> tuple[object, dict]:
@@ -128,9 +112,9 @@ def module_outputs(module: nn.Module, inputs, kwargs: Mapping | None = None) -> 
     with torch.no_grad():
         if isinstance(module, torch.fx.GraphModule):
             return _call(_recording(module, record), inputs, kwargs), record
-        runners = _runners(module)
-        if runners:
-            return _recorded_call(module, runners, record, inputs, kwargs), record
+        if _is_compiled(module):  # every graph it runs, interpreted by a _Recorder; its own logic unchanged
+            with interpreting_graphs(lambda gm: _recording(gm, record)):
+                return _call(module, inputs, kwargs), record
         handles = []
         for name, sub in module.named_modules():
             path = next((name.removeprefix(p) for p in PEFT_PREFIXES if name.startswith(p)), name)

@@ -4,7 +4,7 @@ Every strategy draws only valid values for the model it is given, and shrinks to
 targets, the smallest group size, short batches, no padding.
 
 >>> from hypothesis import find
->>> from fx_adapters.passes.match import Target
+>>> from fx_adapters.graph.match import Target
 >>> layers = [Target("q", "linear", 8, 8, False, ("q",)), Target("k", "linear", 8, 4, False, ("k",))]
 >>> cfg = find(road_configs(layers), lambda c: len(c.target_modules) == 2 and c.group_size > 2)
 >>> cfg.group_size, sorted(cfg.target_modules)
@@ -19,11 +19,10 @@ from math import gcd, pi
 import torch
 from hypothesis import strategies as st
 
-from ..config import RoadConfig
-from ..passes.match import Target
-from ..runtime.rotation import VARIANTS, param_size
-
-BASE = "__base__"
+from ..graph.match import Target
+from ..graph.peft_files import PEFT_PREFIX
+from ..road.config import BASE, RoadConfig
+from ..road.rotation import VARIANTS, param_size
 
 
 def _layers(layers_or_module) -> list[Target]:
@@ -96,6 +95,6 @@ def road_state_dicts(draw, targets: Sequence[Target], variant: str, *, min_abs_a
         theta = (torch.rand(size, generator=g) * 2 - 1) * theta_scale
         magnitude = min_abs_alpha + alpha_spread * torch.rand(size, generator=g)
         sign = torch.where(torch.rand(size, generator=g) < 0.5, -1.0, 1.0)
-        state[f"base_model.model.{t.name}.road_theta"] = theta
-        state[f"base_model.model.{t.name}.road_alpha"] = magnitude * sign
+        state[f"{PEFT_PREFIX}{t.name}.road_theta"] = theta
+        state[f"{PEFT_PREFIX}{t.name}.road_alpha"] = magnitude * sign
     return state

@@ -15,10 +15,10 @@ captured ones, shared by both passes; the new graph inputs follow the model's an
 
 >>> import torch
 >>> from torch import nn
->>> from fx_adapters.passes import run_passes
->>> from fx_adapters.passes.capture import capture
->>> from fx_adapters.passes.match import find_linear_layers
->>> from fx_adapters.runtime.xlora import XLoraClassifier, XLoraExperts
+>>> from fx_adapters.graph.passes import run_passes
+>>> from fx_adapters.graph.capture import capture
+>>> from fx_adapters.graph.match import find_linear_layers
+>>> from fx_adapters.xlora.modules import XLoraClassifier, XLoraExperts
 >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
 >>> gm = capture(model).graph_module
 >>> layer0, head = find_linear_layers(gm, {"0": nn.Linear, "2": nn.Linear})
@@ -35,22 +35,43 @@ captured ones, shared by both passes; the new graph inputs follow the model's an
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..runtime.xlora import XLoraExperts, route_scalings
-from .match import Target, attr_tensor
-from .rewrite import layer_key
+from ..graph.match import Target, layer_input, layer_key
+from ..graph.tags import Tag, set_tag
+from .modules import XLoraExperts, route_scalings
 
-SCALING, REAL = "scaling", "real"
+SCALING, REAL, ROUTED = "scaling", "real", "routed"
 CLASSIFIER_ATTR = "xlora_classifier"
 EXPERTS_ATTR = "xlora_experts"
 # extra graph inputs, after the model's, with PEFT's defaults
 INPUTS = {"xlora_pass_weights": None, "xlora_top_k": None, "xlora_softmax_topk": False, "xlora_global_weight": 1.0}
-TAG = "xlora"  # node.meta[TAG] = (pass, name of the captured node it copies) / ("routed", None)
+PASS_KEY = "xlora_pass"  # node.meta[PASS_KEY]: the node's PassCopy
+
+
+@dataclass(frozen=True)
+class PassCopy:
+    """Which pass a node of the two-pass graph belongs to and the captured node it copies (``source``; None for
+    the routed scalings, ``pass_name`` ``"routed"``)."""
+
+    pass_name: str
+    source: str | None
+
+
+@dataclass(frozen=True)
+class ExpertsTag(Tag):
+    """The experts call of ``layer`` (and its scalings' select) in pass ``pass_name``."""
+
+    pass_name: str
+
+
+def pass_of(node: torch.fx.Node) -> PassCopy | None:
+    return node.meta.get(PASS_KEY)
 
 
 def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
@@ -92,7 +113,7 @@ class TwoPassGraph(PassBase):
                 copied = graph.create_node(node.op, node.target, torch.fx.map_arg(node.args, scaling_env.__getitem__),
                                            torch.fx.map_arg(node.kwargs, scaling_env.__getitem__),
                                            name=f"xlora_scaling_{node.name}", type_expr=node.type)
-                copied.meta = dict(node.meta, **{TAG: (SCALING, node.name)})
+                copied.meta = dict(node.meta, **{PASS_KEY: PassCopy(SCALING, node.name)})
                 if "nn_module_stack" in node.meta:  # a call site of its own for each module (see match.py)
                     copied.meta["nn_module_stack"] = {f"{key}@xlora_scaling": value
                                                       for key, value in node.meta["nn_module_stack"].items()}
@@ -102,7 +123,8 @@ class TwoPassGraph(PassBase):
         hidden = graph.call_method("detach", (scaling_env[last_hidden],))  # PEFT: scaling pass in no_grad
         scalings = graph.call_module(CLASSIFIER_ATTR, (hidden,))
         routed = graph.call_function(route_scalings, (scalings, extra["xlora_top_k"], extra["xlora_softmax_topk"]))
-        routed.meta.update({TAG: ("routed", None), "is_wrapped": True})  # a leaf when a pickled module is re-traced
+        # is_wrapped: a leaf when a pickled module is re-traced
+        routed.meta.update({PASS_KEY: PassCopy(ROUTED, None), "is_wrapped": True})
 
         real_env = dict(placeholders)
         for node in old.nodes:
@@ -111,44 +133,9 @@ class TwoPassGraph(PassBase):
                 graph.output((*outputs, scalings))
             elif node.op != "placeholder":
                 real_env[node] = graph.node_copy(node, real_env.__getitem__)
-                real_env[node].meta[TAG] = (REAL, node.name)
+                real_env[node].meta[PASS_KEY] = PassCopy(REAL, node.name)
         graph_module.graph = graph
         return PassResult(graph_module, True)
-
-
-def find_embedding_layers(gm: torch.fx.GraphModule, module_types: Mapping[str, type]) -> list[Target]:
-    """Every ``nn.Embedding`` lookup of ``gm`` as a ``Target`` (kind ``"embedding"``, in_features = vocabulary).
-
-    In an exported graph the node is ``aten.embedding`` itself, so a scaled embedding (Gemma's) scales the experts'
-    output too, as PEFT does.
-    """
-    found: dict[str, Target] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and issubclass(module_types.get(node.target, type(None)), nn.Embedding):
-            path, weight = node.target, gm.get_submodule(node.target).weight
-        elif node.target == torch.ops.aten.embedding.default and node.meta.get("nn_module_stack"):
-            path = next(reversed(node.meta["nn_module_stack"].values()))[0]
-            weight = attr_tensor(gm, node.args[0])
-        else:
-            continue
-        nodes = (found[path].nodes if path in found else ()) + (node.name,)
-        found[path] = Target(path, "embedding", int(weight.shape[0]), int(weight.shape[1]), False, nodes)
-    return list(found.values())
-
-
-def layer_input(node: torch.fx.Node) -> torch.fx.Node:
-    """The input ``x`` of the linear-like or embedding layer whose output is ``node`` (a ``Target`` node)."""
-    aten = torch.ops.aten
-    if node.target == aten.embedding.default:
-        return node.args[1]
-    if node.op == "call_module" or node.target in (aten.linear.default, torch.nn.functional.linear):
-        return node.args[0]
-    # GPT-2 Conv1D: view(addmm(bias, view(x, [-1, in]), weight), size_out)
-    mm = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
-    if mm is not None and mm.target == aten.addmm.default and isinstance(mm.args[1], torch.fx.Node):
-        return mm.args[1].args[0]
-    raise RuntimeError(f"xlora: cannot find the input of layer node {node.name!r} ({node.op} {node.target}); "
-                       "X-LoRA needs the layer's input next to its output in the graph")
 
 
 class InsertXLoraExperts(PassBase):
@@ -167,7 +154,7 @@ class InsertXLoraExperts(PassBase):
             graph_module.add_module(EXPERTS_ATTR, nn.ModuleDict())
         modules = getattr(graph_module, EXPERTS_ATTR)
         inputs = {n.target: n for n in graph.find_nodes(op="placeholder") if n.target in INPUTS}
-        routed = next((n for n in graph.nodes if n.meta.get(TAG) == ("routed", None)), None)
+        routed = next((n for n in graph.nodes if pass_of(n) == PassCopy(ROUTED, None)), None)
         if routed is None:
             raise RuntimeError("xlora: no routed scalings in the graph; run TwoPassGraph before InsertXLoraExperts")
         sites = {}
@@ -176,9 +163,10 @@ class InsertXLoraExperts(PassBase):
             sites.update({name: (target.name, index) for name in target.nodes})
         modified = False
         for node in list(graph.nodes):
-            kind, source = node.meta.get(TAG, (None, None))
-            if kind not in (SCALING, REAL) or source not in sites:
+            copy = pass_of(node)
+            if copy is None or copy.pass_name not in (SCALING, REAL) or copy.source not in sites:
                 continue
+            kind, source = copy.pass_name, copy.source
             name, index = sites[source]
             x = layer_input(node)
             with graph.inserting_before(node.next):
@@ -189,12 +177,75 @@ class InsertXLoraExperts(PassBase):
                 out = graph.create_node("call_module", f"{EXPERTS_ATTR}.{layer_key(name)}",
                                         (node, x, weights, inputs["xlora_global_weight"]),
                                         name=f"xlora_{kind}_experts_{layer_key(name)}")
-            node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+            node.replace_all_uses_with(out, delete_user_cb=lambda user, new=out: user is not new)
             for new in (weights, out):
-                if new.op != "placeholder":  # match.py skips nodes tagged "fx_adapters"
-                    new.meta["fx_adapters"] = ("xlora", name, kind)
+                if new.op != "placeholder":  # the match pass skips tagged nodes
+                    set_tag(new, ExpertsTag(name, kind))
             for key in ("nn_module_stack", "val"):
                 if key in node.meta:
                     out.meta[key] = node.meta[key]
             modified = True
         return PassResult(graph_module, modified)
+
+
+PREFIX = "xlora_scaling_"
+
+
+def _in_pass(node: torch.fx.Node, pass_name: str) -> bool:
+    copy = pass_of(node)
+    return copy is not None and copy.pass_name == pass_name
+
+
+class ScalingPassCache(PassBase):
+    """X-LoRA on cached graphs: the scaling pass gets a KV cache of its own.
+
+    ``TwoPassGraph`` on a graph of ``capture_with_cache`` copies the cache inputs' users into both passes, so both
+    would read one past cache and only the real pass's new cache would be returned. This pass (run right after
+    ``TwoPassGraph``, before ``InsertXLoraExperts``) gives the scaling pass its own past-cache placeholders
+    ``xlora_scaling_<name>``, placed right after the model's cache inputs, and returns its new cache after the
+    scalings::
+
+        inputs:  (*model inputs, *cache, *xlora_scaling_cache, *X-LoRA inputs)
+        outputs: (logits, *cache, scalings, *scaling cache)
+
+    Both passes are causal and the classifier scores each position on its own, so the scaling pass's cache holds
+    exactly what re-running the scaling pass on the whole sequence would compute for the past positions.
+
+    ``cache_names``: the cache placeholders (none in a prefill graph); ``n_cache``: how many cache tensors follow
+    the logits in the model's outputs.
+    """
+
+    def __init__(self, cache_names: Sequence[str], n_cache: int):
+        super().__init__()
+        self.cache_names, self.n_cache = tuple(cache_names), n_cache
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        graph = graph_module.graph
+        output = graph.output_node()
+        logits, *cache, scalings = output.args[0]
+        if len(cache) != self.n_cache:
+            raise RuntimeError(f"xlora cache: expected outputs (logits, {self.n_cache} cache tensors, scalings), got "
+                               f"{len(cache) + 2}; run ScalingPassCache right after TwoPassGraph on a cached graph")
+        scaling_nodes = {pass_of(n).source: n for n in graph.nodes if _in_pass(n, SCALING)}
+        missing = [n.name for n in cache if pass_of(n) is None or pass_of(n).source not in scaling_nodes]
+        if missing:
+            raise RuntimeError(f"xlora cache: the scaling pass does not compute cache outputs {missing[:3]}; the "
+                               "classifier's input must depend on every layer's keys and values")
+        placeholders = {n.target: n for n in graph.find_nodes(op="placeholder")}
+        last = placeholders[self.cache_names[-1]] if self.cache_names else None
+        for name in self.cache_names:
+            with graph.inserting_after(last):
+                last = graph.placeholder(PREFIX + name)
+            last.meta = dict(placeholders[name].meta)
+            placeholders[name].replace_all_uses_with(last, delete_user_cb=lambda user: _in_pass(user, SCALING))
+        output.args = ((logits, *cache, scalings, *(scaling_nodes[pass_of(n).source] for n in cache)),)
+        return PassResult(graph_module, True)
+
+
+def xlora_passes(head: str, classifier: nn.Module, experts: Mapping[Target, tuple[int, XLoraExperts]],
+                 cache: tuple[Sequence[str], int] | None = None) -> list[PassBase]:
+    """The X-LoRA rewrite of a captured graph, built here only: ``compile_with_xlora`` runs it on the model's graph,
+    ``generate`` on its prefill and decode graphs (``cache``: ``(cache placeholder names, number of cache
+    outputs)``, for ``ScalingPassCache``)."""
+    scaling_cache = [] if cache is None else [ScalingPassCache(*cache)]
+    return [TwoPassGraph(head, classifier), *scaling_cache, InsertXLoraExperts(experts)]

@@ -1,4 +1,5 @@
-"""Rewrite pass: insert a RoAd rotation after every call site of the targeted layers.
+"""Rewrite passes: insert a RoAd rotation after every call site of the targeted layers, remove them, and order
+the rotations of several composed adapters (``rotation_orders`` says which order the active adapters need).
 
 For a target ``model.layers.0.self_attn.q_proj`` with group size 64 the graph gains::
 
@@ -11,7 +12,7 @@ idempotent: a (layer, group size) that already has its rotation is left alone.
 
 >>> import torch
 >>> from torch import nn
->>> from fx_adapters.passes.match import find_linear_layers
+>>> from fx_adapters.graph.match import find_linear_layers
 >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 8)))
 >>> (target,) = find_linear_layers(gm, {"0": nn.Linear})
 >>> result = InsertRoadRotations([(target, 4)])(gm)
@@ -22,22 +23,26 @@ idempotent: a (layer, group size) that already has its rotation is left alone.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..runtime.road_layer import RoadLayer
-from ..runtime.rotation import road_rotate
-from .match import Target
+from ..graph.match import Target, layer_key
+from ..graph.tags import Tag, set_tag, tag_of, tagged
+from .layer import RoadLayer
+from .rotation import road_rotate
 
 ADAPTERS_ATTR = "road_adapters"
 INDEX_INPUT = "road_index"
 
 
-def layer_key(path: str) -> str:
-    """Attribute-safe key of a module path inside ``road_adapters``."""
-    return path.replace(".", "__")
+@dataclass(frozen=True)
+class RotationTag(Tag):
+    """A rotation of ``layer``'s output by the adapters of group size ``group_size`` (and its table read)."""
+
+    group_size: int
 
 
 def road_layers(gm: torch.fx.GraphModule) -> nn.ModuleDict:
@@ -57,8 +62,14 @@ def index_input(graph: torch.fx.Graph) -> torch.fx.Node:
         return graph.placeholder(INDEX_INPUT, default_value=None)
 
 
+def rotations(graph: torch.fx.Graph) -> list[tuple[torch.fx.Node, RotationTag]]:
+    """Every rotation node (not its table read) with its tag, in graph order."""
+    return [(node, tag) for node, tag in tagged(graph, RotationTag) if node.op == "call_function"]
+
+
 def _is_rotation_of(node: torch.fx.Node, target: str) -> bool:
-    return node.op == "call_function" and node.meta.get("fx_adapters", (None, None))[:2] == ("road", target)
+    tag = tag_of(node)
+    return node.op == "call_function" and isinstance(tag, RotationTag) and tag.layer == target
 
 
 class InsertRoadRotations(PassBase):
@@ -84,16 +95,16 @@ class InsertRoadRotations(PassBase):
                 chain = []
                 while len(end.users) == 1 and _is_rotation_of(next(iter(end.users)), target.name):
                     end = next(iter(end.users))
-                    chain.append(end.meta["fx_adapters"][2])
+                    chain.append(tag_of(end).group_size)
                 if group_size in chain:
                     continue
                 with graph.inserting_after(end):
                     table = graph.get_attr(table_attr)
                 with graph.inserting_after(table):
                     rotated = graph.call_function(road_rotate, (end, table, index, group_size))
-                end.replace_all_uses_with(rotated, delete_user_cb=lambda user: user is not rotated)
+                end.replace_all_uses_with(rotated, delete_user_cb=lambda user, new=rotated: user is not new)
                 for new in (table, rotated):
-                    new.meta["fx_adapters"] = ("road", target.name, group_size)
+                    set_tag(new, RotationTag(target.name, group_size))
                     if "nn_module_stack" in end.meta:
                         new.meta["nn_module_stack"] = end.meta["nn_module_stack"]
                     if "val" in end.meta and new is rotated:
@@ -113,18 +124,17 @@ class RemoveRoadRotations(PassBase):
         graph = graph_module.graph
         layers = road_layers(graph_module)
         modified = False
-        for node in list(graph.nodes):
-            tag = node.meta.get("fx_adapters")
-            if node.op != "call_function" or not tag or tag[0] != "road" or tag[1:] in self.keep:
+        for node, tag in rotations(graph):
+            if (tag.layer, tag.group_size) in self.keep:
                 continue
             source, table = node.args[0], node.args[1]
             node.replace_all_uses_with(source)
             graph.erase_node(node)
             graph.erase_node(table)
-            layer = layers[layer_key(tag[1])]
-            delattr(layer, table.target.rpartition(".")[2])
-            if not any(k.startswith("table_g") for k in layer._buffers):
-                del layers[layer_key(tag[1])]
+            layer = layers[layer_key(tag.layer)]
+            layer.drop_table(tag.group_size)
+            if not layer.group_sizes():
+                del layers[layer_key(tag.layer)]
             modified = True
         return PassResult(graph_module, modified)
 
@@ -140,12 +150,10 @@ class OrderRoadRotations(PassBase):
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         modified = False
-        for node in list(graph_module.graph.nodes):
-            tag = node.meta.get("fx_adapters")
-            if (node.op != "call_function" or not tag or tag[0] != "road" or tag[1] not in self.orders
-                    or _is_rotation_of(node.args[0], tag[1])):
+        for node, tag in rotations(graph_module.graph):
+            if tag.layer not in self.orders or _is_rotation_of(node.args[0], tag.layer):
                 continue  # not the first rotation of a chain to reorder
-            layer, chain = tag[1], [node]
+            layer, chain = tag.layer, [node]
             while len(chain[-1].users) == 1 and _is_rotation_of(next(iter(chain[-1].users)), layer):
                 chain.append(next(iter(chain[-1].users)))
             tables = {rotation.args[3]: rotation.args[1] for rotation in chain}
@@ -159,6 +167,35 @@ class OrderRoadRotations(PassBase):
                 node.prepend(table)
             for rotation, group_size in zip(chain, wanted):
                 rotation.args = (rotation.args[0], tables[group_size], rotation.args[2], group_size)
-                rotation.meta["fx_adapters"] = ("road", layer, group_size)
+                set_tag(rotation, RotationTag(layer, group_size))
             modified = True
         return PassResult(graph_module, modified)
+
+
+def rotation_orders(graph: torch.fx.Graph, names: Sequence[str], group_size: Mapping[str, int],
+                    targets: Mapping[str, Sequence[str]]) -> dict[str, list[int]]:
+    """Layer -> its rotations' group sizes in the order the composed adapters ``names`` need, for the layers whose
+    graph order differs (the graph holds one rotation per layer and group size, run in graph order): what
+    ``OrderRoadRotations`` is given. ``group_size``: adapter -> its group size; ``targets``: adapter -> its layers.
+    Raises ``NotImplementedError`` when adapters of one group size are separated by another's on a layer.
+    """
+    if len(names) < 2:
+        return {}
+    order: dict[str, list[int]] = {}  # layer -> group sizes in graph order
+    for _, tag in rotations(graph):
+        if tag.group_size not in order.setdefault(tag.layer, []):
+            order[tag.layer].append(tag.group_size)
+    orders = {}
+    for layer, sizes in order.items():
+        wanted = [group_size[n] for n in names if layer in targets[n]]
+        blocks = [g for i, g in enumerate(wanted) if i == 0 or wanted[i - 1] != g]
+        if len(blocks) != len(set(blocks)):
+            raise NotImplementedError(
+                f"set_adapter({list(names)}): on layer {layer!r} these adapters use group sizes {wanted}: "
+                "adapters of one group size separated by another's are not supported (the graph applies all "
+                "adapters of one group size on a layer together); activate them so that adapters of equal "
+                "group size are adjacent"
+            )
+        if blocks != [g for g in sizes if g in blocks]:
+            orders[layer] = blocks + [g for g in sizes if g not in blocks]
+    return orders

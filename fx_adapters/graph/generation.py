@@ -1,11 +1,10 @@
-"""Token generation with KV caches for compiled modules: ``XLoraModule.generate`` and ``AdaptedModule.generate``.
+"""Token generation with KV caches for compiled modules, method-agnostic: the decode loop and the sampler.
 
 The model a module was compiled from is captured once more, with its KV cache as graph inputs and outputs
-(``passes/capture_cache.py``): a prefill graph for the prompt and a decode-step graph for one new token. Both are
-rewritten like the module's own graph and read the module's tensors, so they follow ``.to()``, ``load_state_dict``,
-merges and new adapters. X-LoRA's two passes each keep their own cache (``passes/xlora_cache.py``): every step runs
-the scaling pass, the classifier and the real pass on the new token only, where PEFT re-runs both passes on the
-whole sequence.
+(``capture_cache.py``): a prefill graph for the prompt and a decode-step graph for one new token. Each method
+rewrites both like the module's own graph (``road/generation.py``, ``xlora/generation.py``), reading the module's
+tensors, so they follow ``.to()``, ``load_state_dict``, merges and new adapters; this module runs the loop over
+whatever step function the method builds from them.
 
 The loop follows transformers' ``generate``: ``position_ids`` from the attention mask (left padding works), greedy
 ``argmax`` or sampling (temperature, top-k, top-p, ``torch.multinomial``), finished rows padded with
@@ -38,22 +37,16 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .passes import run_passes
-from .passes.capture import _owned_copy
-from .passes.capture_cache import CacheGraphs, capture_with_cache, is_causal_lm, read_from
-from .passes.fold import copy_graph_module
-from .passes.match import find_linear_layers, output_head
-from .passes.modules_to_save import SAVED_ATTR, SaveLinearLayers
-from .passes.rewrite import ADAPTERS_ATTR, InsertRoadRotations, layer_key
-from .passes.xlora import EXPERTS_ATTR, InsertXLoraExperts, TwoPassGraph, find_embedding_layers
-from .passes.xlora_cache import ScalingPassCache
+from .capture_cache import CacheGraphs, capture_with_cache, is_causal_lm
+from .graph_module import owned_copy, read_from
 
-__all__ = ["attach", "generate_road", "generate_xlora"]
+__all__ = ["GenerationSource", "Step", "attach", "base_step", "batch_size", "generate", "graph_step", "module_types",
+           "source_of"]
 
 Step = Callable[[tuple, tuple], tuple[torch.Tensor, tuple]]  # (model inputs, cache or ()) -> (logits, new cache)
 
 
-class _Source:
+class GenerationSource:
     """What generation keeps of the model a module was compiled from: a structural copy (its parameters share the
     model's storage; later changes to the model's modules do not reach it), the graphs captured from it, and the
     latest graphs rewritten for the module. ``problem`` says why there is no model. Deep copies share the model;
@@ -65,14 +58,15 @@ class _Source:
         self.built: tuple = (None, None)  # (key, (prefill, decode))
 
     def __reduce__(self):
-        return _Source, (None, f"it was unpickled, which drops the model it was compiled from; {_ATTACH}")
+        return GenerationSource, (None, f"it was unpickled, which drops the model it was compiled from; {_ATTACH}")
 
     def __deepcopy__(self, memo):
-        new = _Source(self.model, self.problem)
+        new = GenerationSource(self.model, self.problem)
         new.captured = self.captured  # read-only templates; built graphs would read the original module
         return new
 
-    def graphs(self, key, build: Callable[[_Source], tuple]) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    def graphs(self, key, build: Callable[[GenerationSource], tuple]
+               ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
         if self.captured is None:
             self.captured = capture_with_cache(self.model)
         if self.built[0] != key:
@@ -80,130 +74,49 @@ class _Source:
         return self.built[1]
 
 
-_ATTACH = "call fx_adapters.generation.attach(module, model) with that model"
+_ATTACH = "call fx_adapters.graph.generation.attach(module, model) with that model"
 
 
 def attach(module: nn.Module, model: nn.Module) -> None:
     """Remember ``model`` (structurally copied) as the model ``module`` was compiled from, for ``generate``."""
     if is_causal_lm(model):
-        module._fxa_generation = _Source(_owned_copy(model).eval())
+        module._fxa_generation = GenerationSource(owned_copy(model).eval())
     else:
-        module._fxa_generation = _Source(None, f"it was compiled from a {type(model).__name__}, not a transformers "
+        module._fxa_generation = GenerationSource(None, f"it was compiled from a {type(model).__name__}, not a "
+                                                        "transformers "
                                                "causal LM (a PreTrainedModel with an output head)")
 
 
-def _source(module: nn.Module) -> _Source:
-    source = module.__dict__.get("_fxa_generation") or _Source(
+def source_of(module: nn.Module) -> GenerationSource:
+    source = module.__dict__.get("_fxa_generation") or GenerationSource(
         None, f"it was not built by compile_with_xlora / XLoraModule.from_captured / compile_with_road; {_ATTACH}")
     if source.problem:
         raise TypeError(f"{type(module).__name__}.generate: {source.problem}")
     return source
 
 
-def _module_types(model: nn.Module) -> dict[str, type]:
+def module_types(model: nn.Module) -> dict[str, type]:
     return {name: type(m) for name, m in model.named_modules()}
 
 
-# ------------------------------------------------------------------------------------------------ X-LoRA
-
-
-def _xlora_graphs(xm) -> Callable[[_Source], tuple]:
-    def build(source: _Source) -> tuple:
-        captured, types = source.captured, _module_types(source.model)
-        experts = getattr(xm.graph_module, EXPERTS_ATTR)
-        built = []
-        for graph_module, cache_names in ((captured.prefill, ()), (captured.decode, captured.cache_names)):
-            gm = copy_graph_module(graph_module)
-            layers = {t.name: t for t in (*find_linear_layers(gm, types), *find_embedding_layers(gm, types))}
-            run_passes(gm, [TwoPassGraph(layers[output_head(source.model)].nodes[0], xm.classifier),
-                            ScalingPassCache(cache_names, len(captured.cache_names)),
-                            InsertXLoraExperts({layers[t.name]: (i, experts[layer_key(t.name)])
-                                                for i, t in enumerate(xm.targets)})])
-            built.append(read_from(gm, xm.graph_module))
-        return tuple(built)
-    return build
-
-
-def generate_xlora(xm, input_ids: torch.Tensor, **options) -> torch.Tensor:
-    """``XLoraModule.generate``: both passes cached; afterwards ``get_latest_scalings()`` holds the scalings of every
-    position the last step saw, ``(batch, prompt + new - 1, n_layers, n_experts)`` as PEFT's, and each step is logged
-    while logging is on. With adapters disabled it generates with the base model."""
-    source = _source(xm)
-    if xm._disabled:
-        return _generate(_base_step(xm, source), source, input_ids, **options)
-    prefill, decode = source.graphs("xlora", _xlora_graphs(xm))
-    n = len(source.captured.cache_names)
-    extra = xm._extra_inputs()
-    scalings = []
-
-    def step(inputs: tuple, cache: tuple) -> tuple[torch.Tensor, tuple]:
-        logits, *out = (decode if cache else prefill)(*inputs, *cache, *extra)
-        scalings.append(out[n])
-        xm._record(torch.cat(scalings, dim=1))
-        return logits, (*out[:n], *out[n + 1:])
-
-    return _generate(step, source, input_ids, **options)
-
-
-def _base_step(module: nn.Module, source: _Source) -> Step:
+def base_step(module: nn.Module, source: GenerationSource) -> Step:
     """Steps of the model alone, reading ``module``'s tensors."""
     prefill, decode = source.graphs("base", lambda s: (read_from(s.captured.prefill, module.graph_module),
                                                        read_from(s.captured.decode, module.graph_module)))
-    return _step(prefill, decode, ())
+    return graph_step(prefill, decode, ())
 
 
-def _step(prefill: torch.fx.GraphModule, decode: torch.fx.GraphModule, extra: tuple) -> Step:
+def graph_step(prefill: torch.fx.GraphModule, decode: torch.fx.GraphModule, extra: tuple) -> Step:
     def step(inputs: tuple, cache: tuple) -> tuple[torch.Tensor, tuple]:
         logits, *cache = (decode if cache else prefill)(*inputs, *cache, *extra)
         return logits, tuple(cache)
     return step
 
 
-# -------------------------------------------------------------------------------------------------- RoAd
-
-
-def _road_sites(gm: torch.fx.GraphModule) -> tuple[tuple, tuple]:
-    """What a RoAd graph applies: ((layer, group size) rotations, in graph order per layer; saved layers)."""
-    rotations, saved = [], []
-    for node in gm.graph.nodes:
-        tag = node.meta.get("fx_adapters") or ("",)
-        if tag[0] == "road" and node.op == "call_function" and tag[1:] not in rotations:
-            rotations.append(tag[1:])
-        elif tag[0] == "saved" and tag[1] not in saved:
-            saved.append(tag[1])
-    return tuple(rotations), tuple(saved)
-
-
-def _road_graphs(am, rotations: tuple, saved: tuple) -> Callable[[_Source], tuple]:
-    def build(source: _Source) -> tuple:
-        types, built = _module_types(source.model), []
-        for graph_module in (source.captured.prefill, source.captured.decode):
-            gm = copy_graph_module(graph_module)
-            for attr in (ADAPTERS_ATTR, SAVED_ATTR):  # the module's own layers: their tables and copies exist
-                if hasattr(am.graph_module, attr):
-                    gm.add_module(attr, getattr(am.graph_module, attr))
-            layers = {t.name: t for t in find_linear_layers(gm, types)}
-            run_passes(gm, [InsertRoadRotations([(layers[name], group_size) for name, group_size in rotations]),
-                            SaveLinearLayers([layers[name] for name in saved])])
-            built.append(read_from(gm, am.graph_module))
-        return tuple(built)
-    return build
-
-
-def generate_road(am, input_ids: torch.Tensor, adapter_names: Sequence[str] | None = None, **options) -> torch.Tensor:
-    """``AdaptedModule.generate``: the active adapter(s), or one adapter name (or ``"__base__"``) per row with
-    ``adapter_names``, as ``forward``."""
-    source = _source(am)
-    index = am._road_input(adapter_names, _batch_size(input_ids))
-    sites = _road_sites(am.graph_module)
-    prefill, decode = source.graphs(("road", sites), _road_graphs(am, *sites))
-    return _generate(_step(prefill, decode, (index,)), source, input_ids, **options)
-
-
 # -------------------------------------------------------------------------------------------------- loop
 
 
-def _generate(step: Step, source: _Source, input_ids: torch.Tensor, *, max_new_tokens: int,
+def generate(step: Step, source: GenerationSource, input_ids: torch.Tensor, *, max_new_tokens: int,
               attention_mask: torch.Tensor | None = None, do_sample: bool = False, temperature: float = 1.0,
               top_k: int | None = 50, top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
               pad_token_id: int | None = None) -> torch.Tensor:
@@ -237,15 +150,15 @@ def _generate(step: Step, source: _Source, input_ids: torch.Tensor, *, max_new_t
     return tokens
 
 
-def _batch_size(input_ids) -> int:
+def batch_size(input_ids) -> int:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
         raise ValueError(f"generate: input_ids must be a (batch, sequence) tensor of token ids, got "
                          f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
     return input_ids.shape[0]
 
 
-def _check_inputs(source: _Source, input_ids, attention_mask, max_new_tokens) -> None:
-    _batch_size(input_ids)
+def _check_inputs(source: GenerationSource, input_ids, attention_mask, max_new_tokens) -> None:
+    batch_size(input_ids)
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(f"generate: attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
                          f"{tuple(input_ids.shape)}; pass one mask entry per token")
@@ -256,14 +169,19 @@ def _check_inputs(source: _Source, input_ids, attention_mask, max_new_tokens) ->
     if limit is not None and length > limit:
         raise ValueError(f"generate: prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} = {length} "
                          f"positions, but the cache holds at most max_position_embeddings={limit} of this "
-                         f"{type(source.model).__name__}; pass max_new_tokens <= {max(limit - input_ids.shape[1], 0)} or a shorter "
+                         f"{type(source.model).__name__}; pass max_new_tokens <= "
+                         f"{max(limit - input_ids.shape[1], 0)} or a shorter "
                          "prompt")
 
 
 def _sampler(temperature: float, top_k: int | None, top_p: float) -> Callable:
     """transformers' sampling: its warpers in its order, then ``multinomial`` on the softmax."""
-    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
-                                                        TopKLogitsWarper, TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     warpers = LogitsProcessorList()
     if temperature != 1.0:

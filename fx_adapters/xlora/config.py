@@ -1,128 +1,19 @@
-"""Adapter configs: one dataclass per method, validated at construction, PEFT-compatible on disk.
+"""X-LoRA's configs: ``XLoraConfig`` (PEFT's fields) and the part of each LoRA expert's config its math uses.
 
->>> cfg = RoadConfig(variant="road_2", group_size=8, target_modules=["q_proj", "v_proj"])
->>> cfg.target_modules
-['q_proj', 'v_proj']
->>> RoadConfig(group_size=7)
-Traceback (most recent call last):
-...
-ValueError: RoadConfig: group_size must be a positive even integer, got 7
+Constructing a config only checks values; nothing is read from disk here. The experts' directories are read,
+and checked, when a model is compiled (``compile_with_xlora``).
 """
 
 from __future__ import annotations
 
-import json
+import math
+import os
 import re
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .runtime.rotation import VARIANTS
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLED_WEIGHTS_NAME = "adapter_model.bin"  # PEFT's save_pretrained(safe_serialization=False): never loaded
-
-
-def _check_module_selector(field: str, value) -> list[str] | str | None:
-    """PEFT's forms: None, a regex string (full match), or a list of names (exact or dotted suffix)."""
-    if value is None or isinstance(value, str):
-        if isinstance(value, str) and value != "all-linear":
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"RoadConfig: {field}={value!r} is not a valid regular expression: {exc}") from None
-        return value
-    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
-        return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
-    raise TypeError(f"RoadConfig: {field} must be None, a regex string or a list of module names, got {value!r}")
-
-
-@dataclass
-class RoadConfig:
-    """A RoAd adapter (arXiv 2409.00119), with the fields and meaning of PEFT's ``RoadConfig``.
-
-    variant: ``"road_1"`` (one angle/scale per pair), ``"road_2"`` (per element), ``"road_4"`` (two per element).
-    group_size: outputs are rotated in groups; element i pairs with i + group_size/2. Must divide every
-        target's out_features.
-    init_weights: True starts at the identity; False draws θ ~ N(0, 0.5²), α ~ N(1, 0.5²) as PEFT does.
-    target_modules: names (exact or suffix of the module path), a regex (full match), ``"all-linear"``, or
-        None for PEFT's per-architecture defaults.
-    exclude_modules: same forms; matches are never adapted.
-    modules_to_save: linear layers (names, exact or suffix, e.g. a classification head) that get a trainable
-        copy per adapter, saved with it; the copy replaces the layer for that adapter's samples.
-    """
-
-    variant: str = "road_1"
-    group_size: int = 64
-    init_weights: bool = True
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    modules_to_save: list[str] | None = None
-
-    def __post_init__(self):
-        if self.variant not in VARIANTS:
-            raise ValueError(f"RoadConfig: unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
-        gs = self.group_size
-        if isinstance(gs, bool) or not isinstance(gs, int) or gs <= 0 or gs % 2:
-            raise ValueError(f"RoadConfig: group_size must be a positive even integer, got {gs!r}")
-        if not isinstance(self.init_weights, bool):
-            raise TypeError(f"RoadConfig: init_weights must be True or False, got {self.init_weights!r}")
-        self.target_modules = _check_module_selector("target_modules", self.target_modules)
-        self.exclude_modules = _check_module_selector("exclude_modules", self.exclude_modules)
-        if self.modules_to_save is not None:
-            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
-                raise TypeError(f"RoadConfig: modules_to_save must be a list of module names, got "
-                                f"{self.modules_to_save!r}")
-            self.modules_to_save = list(self.modules_to_save)
-
-    @classmethod
-    def from_pretrained(cls, adapter_dir: str | Path) -> RoadConfig:
-        """Read a PEFT RoAd adapter's ``adapter_config.json`` (JSON only)."""
-        return cls.from_peft_dict(read_adapter_config(adapter_dir), source=Path(adapter_dir) / CONFIG_NAME)
-
-    @classmethod
-    def from_peft_dict(cls, data: dict, source: object = "config") -> RoadConfig:
-        peft_type = str(data.get("peft_type", "ROAD")).upper()
-        if peft_type != "ROAD":
-            raise ValueError(f"{source}: peft_type is {data.get('peft_type')!r}, not a RoAd adapter (ROAD)")
-        fields = {k: data[k] for k in ("variant", "group_size", "init_weights", "target_modules", "exclude_modules",
-                                       "modules_to_save") if k in data}
-        try:
-            return cls(**fields)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{source}: {exc}") from None
-
-    def to_peft_dict(self, base_model_name_or_path: str | None = None) -> dict:
-        """The ``adapter_config.json`` content that PEFT's ``PeftConfig.from_pretrained`` reads."""
-        fields = asdict(self)
-        if fields["exclude_modules"] is None:
-            del fields["exclude_modules"]  # PEFT's RoadConfig has no such field
-        return {
-            **fields,
-            "peft_type": "ROAD",
-            "task_type": None,
-            "base_model_name_or_path": base_model_name_or_path,
-            "inference_mode": True,
-            "revision": None,
-        }
-
-
-def read_adapter_config(adapter_dir: str | Path) -> dict:
-    path = Path(adapter_dir) / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no adapter config here; expected a PEFT adapter directory")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-
-
-# ------------------------------------------------------------------------------------------------ X-LoRA
-
-import math  # noqa: E402  (X-LoRA section, appended)
-import os  # noqa: E402
-from collections.abc import Mapping  # noqa: E402
-from dataclasses import field  # noqa: E402
+from ..graph.peft_files import read_adapter_config
 
 # LoRA options that change what a layer computes beyond B(A(dropout(x))) · scaling: refused in X-LoRA experts.
 _UNSUPPORTED_LORA = {
@@ -189,6 +80,18 @@ class LoraExpertConfig:
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
 
+def check_expert_value(name: str, value) -> None:
+    """An expert is a PEFT LoRA directory (a path) or a ``(config, state dict)`` pair; raises ``TypeError`` else."""
+    if isinstance(value, (str, os.PathLike)):
+        return
+    if isinstance(value, tuple) and len(value) == 2:
+        config = value[0].to_dict() if hasattr(value[0], "to_dict") else value[0]
+        if isinstance(config, Mapping) and isinstance(value[1], Mapping):
+            return
+    raise TypeError(f"X-LoRA expert {name!r}: expected a PEFT LoRA adapter directory or a (adapter config dict, "
+                    f"state dict) pair, got {type(value).__name__}")
+
+
 def read_expert_config(name: str, value) -> LoraExpertConfig:
     """The ``LoraExpertConfig`` of X-LoRA expert ``name``: a PEFT LoRA directory or a ``(config, state_dict)`` pair."""
     if isinstance(value, (str, os.PathLike)):
@@ -197,12 +100,9 @@ def read_expert_config(name: str, value) -> LoraExpertConfig:
             raise FileNotFoundError(f"X-LoRA expert {name!r}: {path} is not a directory; expected a PEFT LoRA "
                                     "adapter directory (adapter_config.json + adapter_model.safetensors)")
         return LoraExpertConfig.from_peft_dict(read_adapter_config(path), source=f"X-LoRA expert {name!r} ({path})")
-    if isinstance(value, tuple) and len(value) == 2:
-        config = value[0].to_dict() if hasattr(value[0], "to_dict") else value[0]
-        if isinstance(config, Mapping) and isinstance(value[1], Mapping):
-            return LoraExpertConfig.from_peft_dict(dict(config), source=f"X-LoRA expert {name!r}")
-    raise TypeError(f"X-LoRA expert {name!r}: expected a PEFT LoRA adapter directory or a (adapter config dict, "
-                    f"state dict) pair, got {type(value).__name__}")
+    check_expert_value(name, value)
+    config = value[0].to_dict() if hasattr(value[0], "to_dict") else value[0]
+    return LoraExpertConfig.from_peft_dict(dict(config), source=f"X-LoRA expert {name!r}")
 
 
 def _is_number(value) -> bool:
@@ -230,7 +130,8 @@ class XLoraConfig:
 
     adapters: expert name → a PEFT LoRA adapter directory, or a ``(adapter config dict, state dict)`` pair with
         PEFT's saved keys (``base_model.model.<module>.lora_A.weight``). Any names; experts may target different
-        layers. Checked here: the directories exist and hold plain LoRA adapters (no DoRA).
+        layers. Checked here: each is a path or such a pair; that the directories exist and hold plain LoRA
+        adapters (no DoRA) is checked when the model is compiled, before it is captured.
     hidden_size: the classifier's input size; None reads it from the model.
     scaling_pass_value: the scalings every expert gets in the scaling pass; None means 1 / number of experts.
     The other fields mean what they mean in PEFT.
@@ -264,7 +165,7 @@ class XLoraConfig:
             raise ValueError(f"XLoraConfig: expert names must be non-empty strings, got {bad_names}")
         self.adapters = dict(self.adapters)
         for name, value in self.adapters.items():
-            read_expert_config(name, value)
+            check_expert_value(name, value)
         for name in ("enable_softmax", "enable_softmax_topk", "layerwise_scalings", "use_trainable_adapters"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"XLoraConfig: {name} must be True or False, got {getattr(self, name)!r}")

@@ -1,6 +1,6 @@
 """bitsandbytes 8-bit / 4-bit linear layers as weights: dequantize, requantize, and keep the original.
 
-Folding a rotation into a quantized layer (``passes/fold.py``) dequantizes its weight to fp32, rotates it, and
+Folding a rotation into a quantized layer (``road/fold.py``) dequantizes its weight to fp32, rotates it, and
 builds a *new* layer holding ``R·W`` quantized with the old layer's own settings: 8-bit ``Int8Params`` with
 its ``has_fp16_weights`` and the layer's ``threshold``; 4-bit ``Params4bit`` with its ``quant_type``,
 ``blocksize``, ``compress_statistics``, ``quant_storage`` and quant-state dtype, the layer's
@@ -37,6 +37,17 @@ import torch
 from torch import nn
 
 _ORIGINAL = "_fx_adapters_original"
+KINDS = ("bnb8", "bnb4")  # the ``Target.kind`` of bitsandbytes 8-bit / 4-bit layers (``match.layer_kind``)
+
+
+def linear_types() -> tuple[type, ...]:
+    """``(Linear8bitLt, Linear4bit)`` if bitsandbytes is loaded, else ``()``.
+
+    A model holding bitsandbytes layers has imported it already, so this never imports it (which costs
+    seconds and logs a notice about the optional ``kernels`` package).
+    """
+    bnb = sys.modules.get("bitsandbytes")
+    return (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit) if bnb is not None else ()
 
 
 @dataclass(frozen=True)
@@ -52,10 +63,10 @@ class Original:
 
 
 def _is_8bit(layer: nn.Module) -> bool:
-    bnb = sys.modules.get("bitsandbytes")  # loaded if `layer` is a bitsandbytes layer: never imported here
-    if bnb is None or not isinstance(layer, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)):
+    types = linear_types()  # loaded if `layer` is a bitsandbytes layer: never imported here
+    if not types or not isinstance(layer, types):
         raise TypeError(f"expected a bitsandbytes Linear8bitLt or Linear4bit layer, got {type(layer).__name__}")
-    return isinstance(layer, bnb.nn.Linear8bitLt)
+    return isinstance(layer, types[0])
 
 
 def dequantize(layer: nn.Module) -> torch.Tensor:

@@ -82,8 +82,8 @@ class XLoraExperts(nn.Module):
     Experts of smaller rank (or not adapting this layer: rank 0, scale 0) are zero-padded to ``r``. ``forward``
     adds ``Σₑ Bₑ Aₑ dropoutₑ(x) · wₑ · scaleₑ · global_weight`` to the layer output ``y`` with one matmul for all
     the A's and one for all the B's. ``weights`` is ``(..., E)`` per token, ``(E,)`` for every token, or None (adds
-    nothing). Experts are buffers (frozen whatever is called) unless ``trainable``. With ``embedding``, ``x`` holds token ids
-    and ``in`` is the vocabulary: the A's are one lookup (PEFT's ``lora_embedding_A``/``_B``, no dropout).
+    nothing). Experts are buffers (frozen whatever is called) unless ``trainable``. With ``embedding``, ``x`` holds
+    token ids and ``in`` is the vocabulary: the A's are one lookup (PEFT's ``lora_embedding_A``/``_B``, no dropout).
     """
 
     def __init__(self, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: torch.Tensor,

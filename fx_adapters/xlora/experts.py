@@ -2,7 +2,7 @@
 captured model's layers, and stack them per layer for ``XLoraExperts``.
 
 >>> import torch
->>> from fx_adapters.passes.match import Target
+>>> from fx_adapters.graph.match import Target
 >>> state = {"base_model.model.fc.lora_A.weight": torch.ones(2, 4),
 ...          "base_model.model.fc.lora_B.weight": torch.ones(3, 2)}
 >>> expert = read_lora_expert("math", ({"peft_type": "LORA", "r": 2, "lora_alpha": 4}, state))
@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .checkpoint import PEFT_PREFIX, read_adapter_weights
+from ..graph.match import Target
+from ..graph.peft_files import PEFT_PREFIX, read_adapter_weights
 from .config import LoraExpertConfig, read_expert_config
-from .passes.match import Target
-from .runtime.xlora import XLoraExperts
+from .modules import XLoraExperts
 
 _LORA_KEY = re.compile(r"(?P<path>.+)\.(?:lora_(?P<which>[AB])\.weight|lora_embedding_(?P<embedding>[AB]))")
 _BASE_KEY = ".base_layer.weight"  # PEFT saves a targeted embedding's base weights with the adapter
@@ -87,7 +87,8 @@ def read_lora_expert(name: str, value) -> LoraExpert:
     return LoraExpert(name, source, config, weights, frozenset(embeddings), base_weights)
 
 
-def check_experts(experts: Sequence[LoraExpert], layers: Mapping[str, Target], modules: Mapping[str, nn.Module]) -> None:
+def check_experts(experts: Sequence[LoraExpert], layers: Mapping[str, Target], modules: Mapping[str, nn.Module]
+                  ) -> None:
     """Every module an expert adapts must be a linear-like or embedding layer of the graph with the expert's in/out
     features; base weights saved with an expert must be the model's.
 

@@ -4,7 +4,7 @@ Parameters are kept per adapter, named as in PEFT (``road_theta[adapter]``, ``ro
 graph never reads them directly: it reads ``table_g{group_size}``, a ``(slots, 2, out)`` stack of columns
 (slot 0 the identity), rebuilt only when the parameters change (or on every forward while training).
 
->>> from fx_adapters.config import RoadConfig
+>>> from fx_adapters.road.config import RoadConfig
 >>> layer = RoadLayer(out_features=8)
 >>> layer.add_adapter("a", RoadConfig(group_size=4, init_weights=False), torch.float32)
 >>> layer.rebuild_tables({"a": 1})
@@ -21,9 +21,11 @@ from torch import nn
 
 from .rotation import compose, identity_columns, param_size, road_columns
 
+TABLE_PREFIX = "table_g"  # a layer's table for group size g is its buffer ``table_g<g>``
+
 
 def table_name(group_size: int) -> str:
-    return f"table_g{group_size}"
+    return f"{TABLE_PREFIX}{group_size}"
 
 
 class RoadLayer(nn.Module):
@@ -41,6 +43,13 @@ class RoadLayer(nn.Module):
         if not hasattr(self, name):
             self.register_buffer(name, identity_columns(self.out_features, device=device)[None], persistent=False)
         return name
+
+    def group_sizes(self) -> list[int]:
+        """The group sizes this layer has a table for."""
+        return [int(k[len(TABLE_PREFIX):]) for k in self._buffers if k.startswith(TABLE_PREFIX)]
+
+    def drop_table(self, group_size: int) -> None:
+        delattr(self, table_name(group_size))
 
     def add_adapter(self, adapter: str, config, dtype: torch.dtype, device=None) -> None:
         """Create PEFT-initialised parameters (identity when ``init_weights``, else θ~N(0,.5²), α~N(1,.5²))."""
@@ -72,7 +81,7 @@ class RoadLayer(nn.Module):
         those on this layer with the table's group size.
         """
         n_slots = max(slots.values(), default=0) + 1
-        for group_size in {int(k[len("table_g"):]) for k in self._buffers if k.startswith("table_g")}:
+        for group_size in self.group_sizes():
             name = table_name(group_size)
             old = getattr(self, name)
             identity = identity_columns(self.out_features, old.dtype, old.device)

@@ -1,6 +1,10 @@
 """PEFT adapter directories on disk: ``adapter_config.json`` + ``adapter_model.safetensors``. Nothing is unpickled.
 
-PEFT stores a RoAd adapter's tensors under ``base_model.model.<module path>.road_theta`` / ``.road_alpha``.
+Every method reads and writes PEFT's layout through these functions; the names and key prefixes are defined here
+once. PEFT stores an adapter's tensors under ``base_model.model.<module path>.<parameter>``.
+
+>>> split_peft_key("base_model.model.model.layers.0.q_proj.road_theta")
+('model.layers.0.q_proj', 'road_theta')
 """
 
 from __future__ import annotations
@@ -13,18 +17,24 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import CONFIG_NAME, PICKLED_WEIGHTS_NAME, WEIGHTS_NAME, RoadConfig
+__all__ = ["CONFIG_NAME", "PEFT_PREFIX", "PICKLED_WEIGHTS_NAME", "WEIGHTS_NAME", "read_adapter_config",
+           "read_adapter_weights", "split_peft_key", "write_adapter_dir"]
 
-PEFT_PREFIX = "base_model.model."
-ROAD_PARAMS = ("road_theta", "road_alpha")
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLED_WEIGHTS_NAME = "adapter_model.bin"  # PEFT's save_pretrained(safe_serialization=False): never loaded
+PEFT_PREFIX = "base_model.model."  # PeftModel's path to the model it wraps, in saved keys
 
 
-def read_adapter_dir(adapter_dir: str | Path) -> tuple[RoadConfig, dict[str, torch.Tensor]]:
-    """Config and tensors of a PEFT RoAd adapter directory."""
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise FileNotFoundError(f"{adapter_dir}: not a directory; expected a PEFT adapter directory")
-    return RoadConfig.from_pretrained(adapter_dir), read_adapter_weights(adapter_dir)
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    """The JSON of a PEFT adapter directory's ``adapter_config.json``."""
+    path = Path(adapter_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no adapter config here; expected a PEFT adapter directory")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
 
 
 def read_adapter_weights(adapter_dir: str | Path, source: str | None = None) -> dict[str, torch.Tensor]:
@@ -51,12 +61,12 @@ def split_peft_key(key: str) -> tuple[str, str]:
     return path, param
 
 
-def write_adapter_dir(directory: str | Path, config: RoadConfig, tensors: Mapping[tuple[str, str], torch.Tensor],
-                      base_model_name_or_path: str | None = None) -> Path:
-    """Write ``{(path, param): tensor}`` and the config in PEFT's layout; returns the directory."""
+def write_adapter_dir(directory: str | Path, config: Mapping, tensors: Mapping[tuple[str, str], torch.Tensor]) -> Path:
+    """Write ``{(path, param): tensor}`` and ``config`` (the ``adapter_config.json`` content) in PEFT's layout;
+    returns the directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {f"{PEFT_PREFIX}{path}.{param}": t.detach().to("cpu").contiguous() for (path, param), t in tensors.items()}
     save_file(state, directory / WEIGHTS_NAME)
-    (directory / CONFIG_NAME).write_text(json.dumps(config.to_peft_dict(base_model_name_or_path), indent=2))
+    (directory / CONFIG_NAME).write_text(json.dumps(dict(config), indent=2))
     return directory

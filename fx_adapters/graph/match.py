@@ -1,9 +1,10 @@
-"""Match pass: find the linear-like layers of a captured graph and select the ones an adapter targets.
+"""Match pass: find the linear-like (and embedding) layers of a captured graph and select the ones an adapter targets.
 
-A linear-like layer is a module whose output a RoAd rotation can follow: ``nn.Linear`` (``call_module`` in a
+A linear-like layer is a module whose output an adapter can follow: ``nn.Linear`` (``call_module`` in a
 traced graph, ``aten.linear`` in an exported one), GPT-2's ``Conv1D`` (``aten.addmm`` plus views in an
-exported graph) and bitsandbytes' 8-bit / 4-bit layers (opaque ``call_module`` nodes). Selection follows
-PEFT's ``target_modules`` / ``exclude_modules`` rules on the module path.
+exported graph) and bitsandbytes' 8-bit / 4-bit layers (opaque ``call_module`` nodes). How each appears in
+a graph, where its output and its input are, is worked out here only. Selection follows PEFT's
+``target_modules`` / ``exclude_modules`` rules on the module path.
 
 >>> import torch
 >>> from torch import nn
@@ -25,6 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from .graph_module import attr_tensor
+from .tags import is_tagged
 
 # PEFT's TRANSFORMERS_MODELS_TO_ROAD_TARGET_MODULES_MAPPING (peft 0.21), used when target_modules is None.
 DEFAULT_TARGETS: dict[str, list[str] | str] = {
@@ -70,6 +74,11 @@ class MatchReport:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
+def layer_key(path: str) -> str:
+    """Attribute-safe key of a module path, for the ``ModuleDict``s that hold a method's per-layer modules."""
+    return path.replace(".", "__")
+
+
 def layer_kind(module_type: type) -> str | None:
     """``"bnb8"``, ``"bnb4"``, ``"conv1d"``, ``"linear"`` or None. bnb layers subclass nn.Linear: test them first."""
     names = {cls.__module__ + "." + cls.__qualname__ for cls in module_type.__mro__}
@@ -100,7 +109,7 @@ def _call_site_outputs(gm: torch.fx.GraphModule, module_types: Mapping[str, type
         if node.op == "call_module" and node.target in module_types and layer_kind(module_types[node.target]):
             module = gm.get_submodule(node.target)
             yield node.target, node, (module.out_features, module.in_features), module.bias is not None
-        elif node.op == "call_function" and not node.meta.get("fx_adapters"):
+        elif node.op == "call_function" and not is_tagged(node):
             site = _innermost_module(node)
             if site and site[1] in module_types and layer_kind(module_types[site[1]]) in ("linear", "conv1d"):
                 members.setdefault(site[0], []).append(node)
@@ -123,14 +132,6 @@ def _call_site_outputs(gm: torch.fx.GraphModule, module_types: Mapping[str, type
         yield path, outs[0], (out_f, in_f), has_bias
 
 
-def attr_tensor(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor:
-    """The tensor a ``get_attr`` node reads."""
-    if node.op != "get_attr":
-        raise RuntimeError(f"match: expected a weight attribute, got node {node.name!r} ({node.op})")
-    prefix, _, name = node.target.rpartition(".")
-    return getattr(gm.get_submodule(prefix), name)
-
-
 def find_linear_layers(gm: torch.fx.GraphModule, module_types: Mapping[str, type]) -> list[Target]:
     """Every linear-like layer of ``gm`` in graph order; ``module_types`` maps module paths to classes."""
     found: dict[str, Target] = {}
@@ -139,6 +140,41 @@ def find_linear_layers(gm: torch.fx.GraphModule, module_types: Mapping[str, type
         nodes = (prev.nodes if prev else ()) + (out_node.name,)
         found[path] = Target(path, layer_kind(module_types[path]), int(in_f), int(out_f), has_bias, nodes)
     return list(found.values())
+
+
+def find_embedding_layers(gm: torch.fx.GraphModule, module_types: Mapping[str, type]) -> list[Target]:
+    """Every ``nn.Embedding`` lookup of ``gm`` as a ``Target`` (kind ``"embedding"``, in_features = vocabulary).
+
+    In an exported graph the node is ``aten.embedding`` itself, so a scaled embedding (Gemma's) scales what follows
+    the lookup too, as PEFT does.
+    """
+    found: dict[str, Target] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and issubclass(module_types.get(node.target, type(None)), nn.Embedding):
+            path, weight = node.target, gm.get_submodule(node.target).weight
+        elif node.target == torch.ops.aten.embedding.default and node.meta.get("nn_module_stack"):
+            path = next(reversed(node.meta["nn_module_stack"].values()))[0]
+            weight = attr_tensor(gm, node.args[0])
+        else:
+            continue
+        nodes = (found[path].nodes if path in found else ()) + (node.name,)
+        found[path] = Target(path, "embedding", int(weight.shape[0]), int(weight.shape[1]), False, nodes)
+    return list(found.values())
+
+
+def layer_input(node: torch.fx.Node) -> torch.fx.Node:
+    """The input ``x`` of the linear-like or embedding layer whose output is ``node`` (a ``Target`` node)."""
+    aten = torch.ops.aten
+    if node.target == aten.embedding.default:
+        return node.args[1]
+    if node.op == "call_module" or node.target in (aten.linear.default, torch.nn.functional.linear):
+        return node.args[0]
+    # GPT-2 Conv1D: view(addmm(bias, view(x, [-1, in]), weight), size_out), the output found by _call_site_outputs
+    mm = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+    if mm is not None and mm.target == aten.addmm.default and isinstance(mm.args[1], torch.fx.Node):
+        return mm.args[1].args[0]
+    raise RuntimeError(f"cannot find the input of layer node {node.name!r} ({node.op} {node.target}); an adapter that "
+                       "reads the layer's input needs it next to the layer's output in the graph")
 
 
 def _selector_matches(selector: Sequence[str] | str, path: str) -> bool:

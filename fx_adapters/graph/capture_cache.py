@@ -11,9 +11,6 @@ past and the new positions, and each cache tensor is ``(batch, kv_heads, positio
 them one position longer (the model's ``DynamicCache``, concatenated inside the graph). Batch and lengths are
 dynamic. ``position_ids`` is an input only when the model's ``forward`` takes it (as in ``generate``).
 
-``read_from(gm, source)`` makes such a graph (or a rewrite of it) read every parameter, buffer and module that
-``source`` (e.g. an ``XLoraModule``'s graph module) also has from ``source`` itself, at call time.
-
 >>> import torch, transformers
 >>> cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
 ...                                num_attention_heads=2, num_key_value_heads=1)
@@ -32,8 +29,6 @@ True
 
 from __future__ import annotations
 
-import copy
-import functools
 import inspect
 import sys
 from dataclasses import dataclass
@@ -42,12 +37,10 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from .capture import (_WRAPPED, CaptureError, _bnb_stand_ins, _capture_error, _flat_graph_module,
-                      _mark_non_persistent_buffers, _owned_copy)
+from .capture import WRAPPED, CaptureError, bnb_stand_ins, capture_error, flat_graph_module
+from .graph_module import mark_non_persistent_buffers, owned_copy
 
-__all__ = ["CacheGraphs", "capture_with_cache", "is_causal_lm", "read_from"]
-
-SOURCE_ATTR = "fxa_source"  # submodule name under which `read_from` graphs reach their source module
+__all__ = ["CacheGraphs", "capture_with_cache", "is_causal_lm"]
 
 
 @dataclass
@@ -75,7 +68,7 @@ class _CacheInputs(nn.Module):
 
     def __init__(self, model: nn.Module, names: tuple[str, ...]):
         super().__init__()
-        setattr(self, _WRAPPED, model)
+        setattr(self, WRAPPED, model)
         self.names = names
         self.cache_arg = _cache_argument(model)
 
@@ -84,12 +77,13 @@ class _CacheInputs(nn.Module):
 
         inputs, past = inputs[:len(self.names)], inputs[len(self.names):]
         cache = DynamicCache(list(zip(past[::2], past[1::2]))) if past else None
-        out = getattr(self, _WRAPPED)(**dict(zip(self.names, inputs)), **{self.cache_arg: cache}, use_cache=True)
+        out = getattr(self, WRAPPED)(**dict(zip(self.names, inputs)), **{self.cache_arg: cache}, use_cache=True)
         return (out.logits, *_flat_cache(out))
 
 
 def _cache_argument(model: nn.Module) -> str:
-    """The name of ``model.forward``'s KV-cache argument: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+    """The name of ``model.forward``'s KV-cache argument: ``cache`` from transformers 5.24, ``past_key_values``
+    before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -105,20 +99,22 @@ def _flat_cache(output) -> list[torch.Tensor]:
 
 
 def capture_with_cache(model: nn.Module) -> CacheGraphs:
-    """Capture ``model`` (a transformers causal LM, not modified) as prefill and decode graphs; raises ``CaptureError``."""
+    """Capture ``model`` (a transformers causal LM, not modified) as prefill and decode graphs; raises
+    ``CaptureError``."""
     if not is_causal_lm(model):
         raise CaptureError(f"cannot capture {type(model).__name__} with a KV cache: it is not a transformers model "
                            "with an output head (get_output_embeddings()); generation needs a causal LM")
     accepted = inspect.signature(model.forward).parameters
     names = ("input_ids", "attention_mask") + (("position_ids",) if "position_ids" in accepted else ())
-    owned = _owned_copy(model).eval()
+    owned = owned_copy(model).eval()
     vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(0, vocab, (2, 8), device=model.device)  # sizes > 1, or export specializes them
     mask = torch.ones_like(ids)
     prompt = {"input_ids": ids, "attention_mask": mask, "position_ids": torch.arange(8, device=ids.device).expand(2, 8)}
     with torch.no_grad():  # the example cache: the model's own, run eagerly on the prompt
         cache = _flat_cache(owned(**{n: prompt[n] for n in names}, use_cache=True))
-    step = {"input_ids": ids[:, :1], "attention_mask": mask.new_ones(2, 9), "position_ids": torch.full_like(ids[:, :1], 8)}
+    step = {"input_ids": ids[:, :1], "attention_mask": mask.new_ones(2, 9),
+            "position_ids": torch.full_like(ids[:, :1], 8)}
     batch, length = Dim.DYNAMIC, Dim.DYNAMIC
     prefill_dims = tuple({0: batch, 1: length} for _ in names)
     step_dims = {"input_ids": {0: batch}, "attention_mask": {0: batch, 1: length}, "position_ids": {0: batch}}
@@ -129,15 +125,16 @@ def capture_with_cache(model: nn.Module) -> CacheGraphs:
             ("prefill", tuple(prompt[n] for n in names), prefill_dims, names),
             ("decode", (*(step[n] for n in names), *cache), decode_dims, names + cache_names)):
         try:
-            with torch.no_grad(), _bnb_stand_ins(owned) as bnb_layers:
+            with torch.no_grad(), bnb_stand_ins(owned) as bnb_layers:
                 ep = torch.export.export(_CacheInputs(owned, names), inputs, dynamic_shapes=(dims,), strict=False)
         except Exception as e:
-            raise _capture_error(model, f"torch.export.export of the {what} graph with a KV cache", e,
-                                 "generation supports decoder-only models with a DynamicCache (e.g. Llama, Qwen2)") from e
-        gm, _ = _flat_graph_module(ep.module(check_guards=False), placeholder_names, ep.call_spec.out_spec,
+            raise capture_error(model, f"torch.export.export of the {what} graph with a KV cache", e,
+                                "generation supports decoder-only models with a DynamicCache (e.g. Llama, Qwen2)"
+                                ) from e
+        gm, _ = flat_graph_module(ep.module(check_guards=False), placeholder_names, ep.call_spec.out_spec,
                                    type(model).__name__, bnb_layers)
         _drop_empty_concatenations(gm)
-        _mark_non_persistent_buffers(gm, owned)
+        mark_non_persistent_buffers(gm, owned)
         graphs.append(gm)
     return CacheGraphs(*graphs, names, cache_names)
 
@@ -176,34 +173,3 @@ def _erase_unused(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
         delattr(gm.get_submodule(owner), name)
     for source in inputs:
         _erase_unused(gm, source)
-
-
-def _attr(module: nn.Module, target: str):
-    return functools.reduce(getattr, target.split("."), module)
-
-
-def _resolves(module: nn.Module, target: str) -> bool:
-    try:
-        _attr(module, target)
-    except AttributeError:
-        return False
-    return True
-
-
-def read_from(gm: torch.fx.GraphModule, source: nn.Module) -> torch.fx.GraphModule:
-    """A GraphModule running ``gm``'s graph whose attributes that ``source`` also has are read from ``source`` at call time.
-
-    Such nodes target ``fxa_source.<path>``, where ``fxa_source`` is ``source`` itself (so ``.to()``, ``load_state_dict``
-    or merged weights in ``source`` take effect at once); other attributes stay ``gm``'s. ``gm`` is left unchanged.
-    """
-    graph = copy.deepcopy(gm.graph)
-    attrs = {}
-    for node in graph.nodes:
-        if node.op in ("get_attr", "call_module"):
-            value = _attr(gm, node.target)
-            if _resolves(source, node.target):
-                node.target = f"{SOURCE_ATTR}.{node.target}"
-            attrs[node.target] = value
-    module = torch.fx.GraphModule(attrs, graph, type(gm).__name__)
-    module.add_module(SOURCE_ATTR, source)  # replaces the containers made for `fxa_source.…` targets
-    return module

@@ -52,6 +52,11 @@ class CompileMixin:
         Python around it stays eager (unlike ``nn.Module.compile``, which this replaces)."""
         self._compiled_graph = CompiledGraph(options)
 
+    @property
+    def compile_options(self) -> dict | None:
+        """The options of the last ``compile()`` (a copy), None when the graph runs eagerly."""
+        return None if self._compiled_graph is None else dict(self._compiled_graph.options)
+
     def _graph_to_call(self) -> Callable:
         """What ``forward`` calls: ``graph_module``, or its compiled form after ``compile()``."""
         return self.graph_module if self._compiled_graph is None else self._compiled_graph(self.graph_module)

@@ -1,13 +1,13 @@
 """Fold pass: RoAd rotations folded into the weights of the layers they follow, and unfolded back.
 
 ``R·(W·x + b) = (R·W)·x + R·b``: a layer followed by its rotation equals the same layer with rotated weight
-rows and bias. ``R`` is block-diagonal in 2×2 blocks (``runtime/rotation.py``), so folding applies ``rotate``
+rows and bias. ``R`` is block-diagonal in 2×2 blocks (``rotation.py``), so folding applies ``rotate``
 to the weight's output axis and unfolding applies the columns of ``invert``: closed-form 2×2 products and
 inverses, no dense out×out matrix, no ``linalg.inv``, and no memory beyond the new weight except the
 ``(2, out)`` columns (fp16/bf16 weights are rotated in fp32 chunk by chunk and stored in their own dtype).
 
 >>> import torch
->>> from fx_adapters.runtime.rotation import road_columns
+>>> from fx_adapters.road.rotation import road_columns
 >>> layer = torch.nn.Linear(4, 8)
 >>> cols = road_columns("road_1", 4, torch.full((4,), 0.3), torch.full((4,), 1.2))
 >>> weight, bias = fold_weight(layer.weight, layer.bias, cols, 4)
@@ -18,35 +18,34 @@ True
 True
 
 bitsandbytes 8-bit / 4-bit layers are folded as whole layers: dequantize → ``R·W`` (and ``R·b``) → a new
-layer requantized with the old one's settings (``runtime/quantized.py``). Undoing such folds puts the
+layer requantized with the old one's settings (``graph/bnb.py``). Undoing such folds puts the
 original layer back bit for bit while it is kept (``Fold.inverse(exact=True)``, the default), else applies
 ``R⁻¹`` to the dequantized weight and requantizes.
 
-Passes (each in place on the graph module it is given; see ``copy_graph_module`` for a copy to run them on):
-``StripRoad`` removes every RoAd node, ``RotateWeights`` replaces weights by rotated copies, ``PlainOutput``
-makes the graph return built-in containers.
+Passes (each in place on the graph module it is given; see ``graph.graph_module.copy_graph_module`` for a copy
+to run them on): ``StripRoad`` removes every RoAd node, ``RotateWeights`` replaces weights by rotated copies.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..runtime import quantized
-from ..runtime.rotation import determinants, invert, rotate
-from .capture import _Constant, _mark_non_persistent_buffers
-from .match import Target
-from .rewrite import ADAPTERS_ATTR, INDEX_INPUT
+from ..graph import bnb
+from ..graph.graph_module import assign_tensor, tensor_at
+from ..graph.match import Target
+from ..graph.tags import TAG_KEY, is_tagged, tag_of
+from .modules_to_save import SavedTag
+from .rewrite import ADAPTERS_ATTR, INDEX_INPUT, RotationTag
+from .rotation import determinants, invert, rotate
 
 WEIGHT_KINDS = ("linear", "conv1d")
-QUANTIZED_KINDS = ("bnb8", "bnb4")  # folded as whole layers by RotateWeights
+QUANTIZED_KINDS = bnb.KINDS  # folded as whole layers by RotateWeights
 _CHUNK_ELEMENTS = 1 << 22  # fp32 scratch per chunk when a fp16/bf16 weight is rotated in fp32
 
 
@@ -64,7 +63,7 @@ def _output_axis_last(weight: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "conv1d":
         return weight
     if kind in QUANTIZED_KINDS:
-        raise TypeError(f"{kind} weights are packed: pass fx_adapters.runtime.quantized.dequantize(layer) with "
+        raise TypeError(f"{kind} weights are packed: pass fx_adapters.graph.bnb.dequantize(layer) with "
                         "kind='linear' (RotateWeights folds into bitsandbytes layers this way)")
     raise ValueError(f"unknown layer kind {kind!r}; expected one of {WEIGHT_KINDS}")
 
@@ -142,61 +141,14 @@ class Fold:
                     "exact" if exact else "inverse")
 
 
-def _own_copy(module: nn.Module) -> nn.Module:
-    """A shallow copy of ``module`` and of its submodules: same tensors, own containers (params, hooks, …)."""
-    clone = type(module).__new__(type(module))
-    clone.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set, list)) else v
-                           for k, v in module.__dict__.items()})
-    for name, child in clone._modules.items():
-        if child is not None:
-            clone._modules[name] = _own_copy(child)
-    return clone
-
-
-def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A GraphModule with a copy of ``gm``'s graph and its own modules, sharing every tensor with ``gm``.
-
-    Passes can then change the copy's graph and assign its attributes without touching ``gm``.
-    """
-    graph = torch.fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    new = torch.fx.GraphModule(gm, graph, type(gm).__name__)
-    for name, child in new._modules.items():
-        new._modules[name] = _own_copy(child)
-    _mark_non_persistent_buffers(new, gm)
-    return new.train(gm.training)
-
-
-def _tensor(gm: nn.Module, fqn: str, layer: str) -> torch.Tensor:
-    prefix, _, leaf = fqn.rpartition(".")
-    try:
-        value = getattr(gm.get_submodule(prefix), leaf)
-    except AttributeError:
-        value = None
-    if not isinstance(value, torch.Tensor):
-        raise AttributeError(f"layer {layer!r}: the graph module has no tensor {fqn!r}; was it captured from "
-                             "the same model as the adapter?")
-    return value
-
-
-def assign_tensor(gm: nn.Module, fqn: str, value: torch.Tensor) -> None:
-    """Replace the parameter or buffer at ``fqn`` by ``value`` (a parameter stays a parameter)."""
-    prefix, _, leaf = fqn.rpartition(".")
-    module = gm.get_submodule(prefix)
-    old = getattr(module, leaf)
-    if isinstance(old, nn.Parameter):
-        module._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
-    else:
-        module._buffers[leaf] = value
-
-
 class RotateWeights(PassBase):
     """Replace the weight and bias of each fold's layer by rotated copies, folds applied in order.
 
     The tensors in the graph module are never written (they may share storage with the caller's model).
     A bitsandbytes layer is replaced by a new layer: its folds are applied to its dequantized weight, which is
     requantized once (this rounds: ``requantized`` lists the layers, ``requantization_warning`` says it; the
-    pass itself does not warn, ``MergeMixin`` warns once per ``AdaptedModule``), or, for exact undos, the original
+    pass itself does not warn, ``road.merge.MergeState`` warns once per ``AdaptedModule``), or, for exact undos, the
+    original
     layer is put back (see ``Fold.undo``). Everything is computed, and checked finite when ``check_finite``,
     before anything is assigned: on an error the graph module is unchanged. The graph itself is not changed:
     call it directly rather than through ``run_passes`` (whose PassManager re-raises every error as a bare
@@ -224,7 +176,7 @@ class RotateWeights(PassBase):
                 quantized_folds.setdefault(name, []).append(fold)
                 continue
             keys = (f"{name}.weight", f"{name}.bias" if fold.target.has_bias else None)
-            weight, bias = (None if key is None else new.get(key, _tensor(graph_module, key, name)) for key in keys)
+            weight, bias = (None if key is None else new.get(key, tensor_at(graph_module, key, name)) for key in keys)
             weight, bias = fold_weight(weight, bias, fold.cols, fold.group_size, fold.target.kind)
             self._check_finite(fold, weight, bias)
             new.update((key, t) for key, t in zip(keys, (weight, bias)) if key is not None)
@@ -238,25 +190,27 @@ class RotateWeights(PassBase):
         return PassResult(graph_module, bool(new or layers))
 
     def _fold_layer(self, layer: nn.Module, folds: Sequence[Fold]) -> tuple[nn.Module, bool]:
-        """The layer replacing bitsandbytes ``layer`` after ``folds``, and whether it was requantized (else restored)."""
+        """The layer replacing bitsandbytes ``layer`` after ``folds``, and whether it was requantized (else
+        restored)."""
         net = sum(-1 if fold.undo else 1 for fold in folds)
         if all(fold.undo == "exact" for fold in folds):
-            original = quantized.restorable(layer, undone=-net)
+            original = bnb.restorable(layer, undone=-net)
             if original is not None:
                 return original, False
         try:
-            weight, bias = quantized.dequantize(layer), layer.bias
+            weight, bias = bnb.dequantize(layer), layer.bias
         except TypeError as e:
             raise TypeError(f"layer {folds[0].target.name!r} is a {folds[0].target.kind} target: {e}") from None
         for fold in folds:
             weight, bias = fold_weight(weight, bias, fold.cols, fold.group_size)
             self._check_finite(fold, weight, bias)
-        return quantized.requantize(layer, weight, bias, folds=net), True
+        return bnb.requantize(layer, weight, bias, folds=net), True
 
     def _check_finite(self, fold: Fold, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         if self.check_finite and not all(t is None or torch.isfinite(t).all() for t in (weight, bias)):
             raise ValueError(f"safe_merge: adapter {fold.adapter!r} gives non-finite (NaN/inf) weights on layer "
-                             f"{fold.target.name!r}; nothing was merged. The adapter seems broken: check its parameters")
+                             f"{fold.target.name!r}; nothing was merged. The adapter seems broken: check its "
+                             "parameters")
 
 
 def requantization_warning(requantized: Sequence[str]) -> str:
@@ -274,15 +228,15 @@ class StripRoad(PassBase):
         graph = graph_module.graph
         modified = False
         for node in list(graph.nodes):
-            tag = node.meta.get("fx_adapters", ("",))[0]
-            if tag == "road" and node.op == "call_function":
+            tag = tag_of(node)
+            if isinstance(tag, RotationTag) and node.op == "call_function":
                 node.replace_all_uses_with(node.args[0])
                 graph.erase_node(node)
                 modified = True
-            elif tag == "saved":
+            elif isinstance(tag, SavedTag):
                 with graph.inserting_before(node):
                     linear = graph.call_function(torch.ops.aten.linear.default, node.args[:3])
-                linear.meta.update({k: v for k, v in node.meta.items() if k != "fx_adapters"})
+                linear.meta.update({k: v for k, v in node.meta.items() if k != TAG_KEY})
                 node.replace_all_uses_with(linear)
                 graph.erase_node(node)
                 modified = True
@@ -291,46 +245,8 @@ class StripRoad(PassBase):
             if is_table or (node.op == "placeholder" and node.target == INDEX_INPUT):
                 graph.erase_node(node)
                 modified = True
-        left = [n.name for n in graph.nodes if "fx_adapters" in n.meta]
+        left = [n.name for n in graph.nodes if is_tagged(n)]
         if left:
             raise NotImplementedError(f"fold: the graph has adapter nodes that cannot be folded: {left[:5]}")
         graph_module.delete_all_unused_submodules()
         return PassResult(graph_module, modified)
-
-
-class PlainOutput(PassBase):
-    """Make a graph that returns the flat leaves of ``out_spec`` return them in built-in containers.
-
-    ``torch.export.load`` cannot rebuild a transformers ``ModelOutput``, so: mappings (a ``ModelOutput``, a
-    dict: any container whose pytree context is its keys) become dicts, e.g. ``{"logits": ...}``; lists stay
-    lists; other containers (tuples, namedtuples, …) become tuples; constants baked into the spec (e.g. None)
-    are returned as they are. Dicts and lists are built by graph nodes so that the module, its pickle and
-    its ``torch.export`` all return a real ``dict``/``list`` (a literal dict in the output node comes back
-    from ``torch.export`` as torch.fx's ``immutable_dict``).
-    """
-
-    def __init__(self, out_spec: pytree.TreeSpec):
-        super().__init__()
-        self.out_spec = out_spec
-
-    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
-        graph = graph_module.graph
-        output = graph.output_node()
-        leaves = iter(output.args[0])
-
-        def build(spec: pytree.TreeSpec):
-            if spec.is_leaf():
-                return next(leaves)
-            if spec.type is _Constant:
-                return spec.context
-            if spec.type is type(None):
-                return None
-            children = tuple(build(child) for child in spec.children())
-            keys = spec.context
-            if isinstance(keys, Sequence) and len(keys) == len(children) and all(isinstance(k, str) for k in keys):
-                return graph.call_function(dict, (tuple(zip(keys, children)),))
-            return graph.call_function(list, (children,)) if spec.type is list else children
-
-        with graph.inserting_before(output):
-            output.args = (build(self.out_spec),)
-        return PassResult(graph_module, True)

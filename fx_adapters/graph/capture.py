@@ -20,7 +20,7 @@ Example::
 
     >>> import torch
     >>> from torch import nn
-    >>> from fx_adapters.passes.capture import capture
+    >>> from fx_adapters.graph.capture import capture
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> captured = capture(model)
     >>> captured.method, captured.input_names
@@ -33,7 +33,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import copy
+import contextvars
 import functools
 import inspect
 import sys
@@ -46,9 +46,15 @@ from torch import nn
 from torch.export import Dim
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
-__all__ = ["CaptureError", "CapturedModel", "capture"]
+from . import bnb
+from .graph_module import mark_non_persistent_buffers, owned_copy
 
-_WRAPPED = "model"  # attribute under which `_Inputs` holds the model during export
+__all__ = ["CaptureError", "CapturedModel", "Constant", "WRAPPED", "bnb_stand_ins", "capture", "capture_error",
+           "flat_graph_module", "interpreting_graphs"]
+
+WRAPPED = "model"  # attribute under which `_Inputs` holds the model during export
+# what `CapturedModel.call` runs in place of a graph module in this thread / task (see `interpreting_graphs`)
+_GRAPH_WRAPPER: contextvars.ContextVar = contextvars.ContextVar("fx_adapters_graph_wrapper", default=None)
 
 
 class CaptureError(RuntimeError):
@@ -79,7 +85,9 @@ class CapturedModel:
         missing = [name for name in self.input_names if values.get(name) is None]
         if missing:
             raise TypeError(f"missing input(s) {missing}; accepted inputs: {self._accepted()}")
-        flat = gm(*(values[name] for name in self.input_names), *extra)
+        wrap = _GRAPH_WRAPPER.get()
+        run = gm if wrap is None else wrap(getattr(gm, "_orig_mod", gm))  # a torch.compile'd graph: its own graph
+        flat = run(*(values[name] for name in self.input_names), *extra)
         return pytree.tree_unflatten(list(flat), self.out_spec)
 
     def _bind(self, args: tuple, kwargs: dict) -> dict:
@@ -113,6 +121,18 @@ class CapturedModel:
         return ", ".join(self.input_names)
 
 
+@contextlib.contextmanager
+def interpreting_graphs(wrap) -> Iterator[None]:
+    """Within the block, in this thread or task only, every ``CapturedModel.call`` runs ``wrap(graph_module)``
+    (called like the graph module) instead of the graph module: how ``fx_adapters.testing`` records each
+    module's output inside a compiled module without touching it."""
+    token = _GRAPH_WRAPPER.set(wrap)
+    try:
+        yield
+    finally:
+        _GRAPH_WRAPPER.reset(token)
+
+
 def capture(
     model: nn.Module, example_inputs: tuple | None = None, example_kwargs: dict | None = None
 ) -> CapturedModel:
@@ -134,7 +154,7 @@ def capture(
         return _symbolic_trace(model)
     except Exception as e:
         if not has_examples:
-            raise _capture_error(model, "torch.fx.symbolic_trace", e, "pass example_inputs to use torch.export") from e
+            raise capture_error(model, "torch.fx.symbolic_trace", e, "pass example_inputs to use torch.export") from e
     return _export(model, example_inputs, example_kwargs, hf=False)
 
 
@@ -145,17 +165,7 @@ class _Tracer(torch.fx.Tracer):
     """Default ``torch.fx`` tracer that also keeps bitsandbytes linear layers as leaves."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, _bnb_linear_types()) or super().is_leaf_module(m, module_qualified_name)
-
-
-def _bnb_linear_types() -> tuple[type, ...]:
-    """``(Linear8bitLt, Linear4bit)`` if bitsandbytes is loaded, else ``()``.
-
-    A model holding bitsandbytes layers has imported it already, so this never imports it (which costs
-    seconds and logs a notice about the optional ``kernels`` package).
-    """
-    bnb = sys.modules.get("bitsandbytes")
-    return (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit) if bnb is not None else ()
+        return isinstance(m, bnb.linear_types()) or super().is_leaf_module(m, module_qualified_name)
 
 
 @torch.library.custom_op("fx_adapters::bnb_linear", mutates_args=())
@@ -185,9 +195,9 @@ class _BnbStandIn(nn.Module):
 
 
 @contextlib.contextmanager
-def _bnb_stand_ins(model: nn.Module) -> Iterator[dict[str, nn.Module]]:
+def bnb_stand_ins(model: nn.Module) -> Iterator[dict[str, nn.Module]]:
     """Within the block ``model``'s bitsandbytes layers are stand-ins; yields {path: real layer}."""
-    layers = {path: m for path, m in model.named_modules() if isinstance(m, _bnb_linear_types())}
+    layers = {path: m for path, m in model.named_modules() if isinstance(m, bnb.linear_types())}
     for path, layer in layers.items():
         model.set_submodule(path, _BnbStandIn(path, layer.out_features))
     try:
@@ -198,7 +208,7 @@ def _bnb_stand_ins(model: nn.Module) -> Iterator[dict[str, nn.Module]]:
 
 
 def _symbolic_trace(model: nn.Module) -> CapturedModel:
-    owned = _owned_copy(model)
+    owned = owned_copy(model)
     graph = _Tracer().trace(owned)
     output = graph.output_node()
     leaves, out_spec = _bake_constants(*pytree.tree_flatten(_thaw(output.args[0])))
@@ -209,7 +219,7 @@ def _symbolic_trace(model: nn.Module) -> CapturedModel:
                 key: (path, _class_name(cls)) for key, (path, cls) in node.meta["nn_module_stack"].items()
             }
     gm = torch.fx.GraphModule(owned, graph, type(model).__name__)
-    _mark_non_persistent_buffers(gm, owned)
+    mark_non_persistent_buffers(gm, owned)
     input_names = tuple(n.target for n in graph.find_nodes(op="placeholder"))
     return CapturedModel(gm, input_names, out_spec, "symbolic_trace", inspect.signature(model.forward))
 
@@ -234,11 +244,11 @@ class _Inputs(nn.Module):
 
     def __init__(self, model: nn.Module, names: tuple[str, ...], fixed: dict):
         super().__init__()
-        setattr(self, _WRAPPED, model)
+        setattr(self, WRAPPED, model)
         self.names, self.fixed = names, fixed
 
     def forward(self, *inputs):
-        return getattr(self, _WRAPPED)(**dict(zip(self.names, inputs)), **self.fixed)
+        return getattr(self, WRAPPED)(**dict(zip(self.names, inputs)), **self.fixed)
 
 
 def _export(model: nn.Module, example_inputs, example_kwargs, hf: bool) -> CapturedModel:
@@ -248,7 +258,7 @@ def _export(model: nn.Module, example_inputs, example_kwargs, hf: bool) -> Captu
         if any(signature.parameters[n].kind is inspect.Parameter.VAR_POSITIONAL for n in bound.arguments):
             raise TypeError("forward(*args) is not supported")
     except TypeError as e:
-        raise _capture_error(model, "binding the example inputs", e, "match model.forward's named parameters") from e
+        raise capture_error(model, "binding the example inputs", e, "match model.forward's named parameters") from e
     arguments = {}
     for name, value in bound.arguments.items():
         is_var_kw = signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD
@@ -259,16 +269,16 @@ def _export(model: nn.Module, example_inputs, example_kwargs, hf: bool) -> Captu
         if any(size < 2 for n in names for size in arguments[n].shape[:2]):
             shapes = {n: tuple(arguments[n].shape) for n in names}
             reason = f"batch and sequence sizes must be > 1 or export specializes them, got {shapes}"
-            raise _capture_error(model, "checking the example inputs", reason, "example inputs of shape (2, 8)")
+            raise capture_error(model, "checking the example inputs", reason, "example inputs of shape (2, 8)")
         fixed["use_cache"] = False
         # batch and sequence dims; Dim.DYNAMIC makes export fail rather than specialize them
         dims = tuple({d: Dim.DYNAMIC for d in range(min(arguments[n].dim(), 2))} for n in names)
     else:
         dims = tuple({d: Dim.AUTO for d in range(arguments[n].dim())} for n in names)
 
-    owned = _owned_copy(model).eval()
+    owned = owned_copy(model).eval()
     try:
-        with torch.no_grad(), _bnb_stand_ins(owned) as bnb_layers:
+        with torch.no_grad(), bnb_stand_ins(owned) as bnb_layers:
             ep = torch.export.export(
                 _Inputs(owned, names, fixed),
                 tuple(arguments[n] for n in names),
@@ -281,16 +291,16 @@ def _export(model: nn.Module, example_inputs, example_kwargs, hf: bool) -> Captu
             if hf
             else "remove data-dependent control flow from forward, or capture a plain nn.Module torch.fx can trace"
         )
-        raise _capture_error(model, "torch.export.export", e, hint) from e
+        raise capture_error(model, "torch.export.export", e, hint) from e
 
     exported = ep.module(check_guards=False)
-    gm, out_spec = _flat_graph_module(exported, names, ep.call_spec.out_spec, type(model).__name__, bnb_layers)
-    _mark_non_persistent_buffers(gm, owned)
+    gm, out_spec = flat_graph_module(exported, names, ep.call_spec.out_spec, type(model).__name__, bnb_layers)
+    mark_non_persistent_buffers(gm, owned)
     gm.train(model.training)
     return CapturedModel(gm, names, out_spec, "export", signature)
 
 
-def _flat_graph_module(
+def flat_graph_module(
     exported: torch.fx.GraphModule, names: tuple[str, ...], out_spec: pytree.TreeSpec, class_name: str,
     bnb_layers: dict[str, nn.Module],
 ) -> tuple[torch.fx.GraphModule, pytree.TreeSpec]:
@@ -337,44 +347,23 @@ def _flat_graph_module(
 
 def _unwrap(path: str) -> str:
     """``"model.x.y"`` -> ``"x.y"`` and ``"model"`` -> ``""``: a path relative to the wrapped model."""
-    return path.removeprefix(_WRAPPED).removeprefix(".")
+    return path.removeprefix(WRAPPED).removeprefix(".")
 
 
 def _unwrap_key(key: str) -> str:
     """``nn_module_stack`` key ``"L__self__model.x"`` -> ``"L__self__x"``."""
-    head, _, tail = key.partition(_WRAPPED)
+    head, _, tail = key.partition(WRAPPED)
     return head + tail.removeprefix(".")
-
-
-def _mark_non_persistent_buffers(gm: nn.Module, model: nn.Module) -> None:
-    """Keep ``model``'s non-persistent buffers out of ``gm.state_dict()`` too."""
-    buffers = dict(gm.named_buffers())
-    for path, module in model.named_modules():
-        for leaf in module._non_persistent_buffers_set:
-            if f"{path}.{leaf}".removeprefix(".") in buffers:
-                gm.get_submodule(path)._non_persistent_buffers_set.add(leaf)
 
 
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def _owned_copy(model: nn.Module) -> nn.Module:
-    """Deep copy of ``model`` whose parameters are new frozen ``nn.Parameter``s sharing storage.
-
-    Buffers (which a graph may update in place, e.g. BatchNorm statistics) and parameter subclasses
-    (e.g. bitsandbytes) are copied. Tied parameters stay tied.
-    """
-    memo = {id(p): nn.Parameter(p.detach(), requires_grad=False) for p in model.parameters() if type(p) is nn.Parameter}
-    owned = copy.deepcopy(model, memo)
-    owned.requires_grad_(False)
-    return owned
-
-
-class _Constant:
+class Constant:
     """Pytree node type of a constant output leaf: no children, unflattens to the constant."""
 
 
-pytree.register_pytree_node(_Constant, lambda value: ([], value), lambda _, value: value)
+pytree.register_pytree_node(Constant, lambda value: ([], value), lambda _, value: value)
 
 
 def _bake_constants(leaves: list, spec: pytree.TreeSpec) -> tuple[tuple[torch.fx.Node, ...], pytree.TreeSpec]:
@@ -385,7 +374,7 @@ def _bake_constants(leaves: list, spec: pytree.TreeSpec) -> tuple[tuple[torch.fx
         if not spec.is_leaf():
             return pytree.TreeSpec(spec.type, spec.context, [bake(child) for child in spec.children()])
         leaf = next(remaining)
-        return spec if isinstance(leaf, torch.fx.Node) else pytree.TreeSpec(_Constant, leaf, [])
+        return spec if isinstance(leaf, torch.fx.Node) else pytree.TreeSpec(Constant, leaf, [])
 
     spec = bake(spec)
     return tuple(leaf for leaf in leaves if isinstance(leaf, torch.fx.Node)), spec
@@ -395,7 +384,7 @@ def _class_name(cls) -> str:
     return cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _capture_error(model: nn.Module, what: str, error: Exception | str, hint: str) -> CaptureError:
+def capture_error(model: nn.Module, what: str, error: Exception | str, hint: str) -> CaptureError:
     """``CaptureError`` naming the model class, the failed step, the error's first line and a hint."""
     first_line = next(iter(str(error).strip().splitlines()), type(error).__name__)
     return CaptureError(f"cannot capture {type(model).__name__}: {what} failed ({first_line}); try: {hint}")

@@ -1,1 +1,0 @@
-"""The math and helpers that rewritten graphs call."""

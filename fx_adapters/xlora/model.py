@@ -1,0 +1,271 @@
+"""``compile_with_xlora`` and the module it returns: X-LoRA (mixture of LoRA experts) as one rewritten graph.
+
+The model is captured once; its graph is copied into a scaling pass (every expert at ``scaling_pass_value``), the
+classifier (on the scaling pass's last hidden state: the output head's input) and the real pass (each adapted layer
+adds its experts weighted by the classifier's per-token scalings). See ``passes.py`` and ``modules.py`` here.
+
+>>> import torch, fx_adapters as fxa
+>>> from torch import nn
+>>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+>>> def expert(seed):
+...     g = torch.Generator().manual_seed(seed)
+...     weights = {"0.lora_A.weight": torch.randn(2, 4, generator=g), "0.lora_B.weight": torch.randn(8, 2, generator=g)}
+...     return {"peft_type": "LORA", "r": 2, "lora_alpha": 4}, weights
+>>> xm = fxa.compile_with_xlora(model, fxa.XLoraConfig(adapters={"math": expert(0), "code": expert(1)}))
+>>> x = torch.randn(5, 4)
+>>> out = xm(x)
+>>> xm.get_latest_scalings().shape             # (batch, n_layers, n_experts) here; (batch, seq, …) for LMs
+torch.Size([5, 1, 2])
+>>> xm.disable_adapter_layers()
+>>> torch.equal(xm(x), model(x))
+True
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from ..graph import generation
+from ..graph.capture import CapturedModel, capture
+from ..graph.graph_module import mark_non_persistent_buffers
+from ..graph.match import Target, find_embedding_layers, find_linear_layers, output_head
+from ..graph.passes import run_passes
+from ..graph.torch_compile import CompileMixin
+from . import checkpoint
+from .config import XLoraConfig, check_number, check_top_k
+from .experts import LoraExpert, check_experts, read_lora_expert, stack_experts
+from .generation import generate_xlora
+from .modules import XLoraClassifier, route_scalings
+from .passes import CLASSIFIER_ATTR, xlora_passes
+
+
+class XLoraModule(CompileMixin, nn.Module):
+    """A captured model whose graph runs X-LoRA; call it like the original model. Build it with ``compile_with_xlora``
+    (or ``from_captured`` to reuse a capture).
+
+    ``experts``: the expert names, in the order of the scalings' last axis; ``targets``: the adapted layers, in the
+    order of the scalings' layer axis (module order, as PEFT's ``n_layers``); ``config``: this module's own copy of
+    the ``XLoraConfig``, updated by the setters as in PEFT.
+    """
+
+    def __init__(self, captured: CapturedModel, graph_module: torch.fx.GraphModule, experts: tuple[str, ...],
+                 targets: tuple[Target, ...], config: XLoraConfig):
+        super().__init__()
+        self.graph_module = graph_module
+        self.experts, self.targets, self.config = experts, targets, config
+        self._captured = captured
+        self._two_pass = dataclasses.replace(
+            captured, graph_module=graph_module,
+            out_spec=pytree.TreeSpec(tuple, None, [captured.out_spec, pytree.treespec_leaf()]))
+        self._disabled = False
+        self._latest: torch.Tensor | None = None
+        self._log: list[torch.Tensor] = []
+        self._logging = False
+        self._cache_base(None)
+
+    @classmethod
+    def from_captured(cls, model: nn.Module, captured: CapturedModel, config: XLoraConfig) -> XLoraModule:
+        """X-LoRA on an existing capture of ``model`` (left unchanged, so one capture serves several configs)."""
+        return _build(model, captured, _checked(config, "XLoraModule"), _read_experts(config))
+
+    # ------------------------------------------------------------------ forward
+    @property
+    def classifier(self) -> XLoraClassifier:
+        """The X-LoRA classifier (its ``state_dict`` keys are PEFT's ``internal_xlora_classifier.*`` without it)."""
+        return getattr(self.graph_module, CLASSIFIER_ATTR)
+
+    @property
+    def adapters_disabled(self) -> bool:
+        """Whether ``disable_adapter_layers()`` is in force (the module computes the base model)."""
+        return self._disabled
+
+    def forward(self, *args, **kwargs):
+        if self._disabled:
+            return self._captured.call(self._base_graph_module(), *args, **kwargs)
+        output, scalings = self._two_pass.call(self._graph_to_call(), *args, extra=self.graph_inputs(), **kwargs)
+        self.record_scalings(scalings)
+        return output
+
+    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Generate with KV caches for both passes; arguments: ``fx_adapters.graph.generation``, scalings:
+        ``fx_adapters.xlora.generation``."""
+        return generate_xlora(self, input_ids, **kwargs)
+
+    def graph_inputs(self) -> tuple:
+        """The graph inputs after the model's (``passes.INPUTS``), from the current config."""
+        cfg = self.config
+        return self._pass_weights(), cfg.top_k_lora, cfg.enable_softmax_topk, cfg.global_scaling_weight
+
+    def record_scalings(self, scalings: torch.Tensor) -> None:
+        """Make ``scalings`` the latest (``get_latest_scalings``), and log them while logging is on."""
+        self._latest = scalings
+        if self._logging:
+            self._log.append(scalings)
+
+    def _pass_weights(self) -> torch.Tensor | None:
+        """Every token's ``(n_experts,)`` expert weights in the scaling pass (PEFT's dummy scalings after top-k and
+        softmax-top-k); None when they are all 0, as the experts then add exactly 0."""
+        value = self.config.scaling_pass_value
+        if value == 0:
+            return None
+        param = next(self.classifier.parameters())
+        dummy = torch.full((1, 1, 1, len(self.experts)), value, dtype=param.dtype, device=param.device)
+        return route_scalings(dummy, self.config.top_k_lora, self.config.enable_softmax_topk).flatten()
+
+    def _base_graph_module(self) -> torch.fx.GraphModule:
+        """The captured graph alone (for disabled adapters), reading this module's current parameters and buffers."""
+        if self._base is None:
+            graph = copy.deepcopy(self._captured.graph_module.graph)
+            self._cache_base(torch.fx.GraphModule(self.graph_module, graph))
+        return self._base
+
+    def _cache_base(self, base: torch.fx.GraphModule | None) -> None:
+        object.__setattr__(self, "_base", base)  # not a submodule: it shares this module's tensors
+
+    def _apply(self, fn, recurse=True):
+        self._cache_base(None)  # .to() / .half() may replace tensors the cached base module holds
+        return super()._apply(fn, recurse)
+
+    # ------------------------------------------------------------------ PEFT's XLoraModel API
+    def set_topk_lora(self, value: int | None) -> None:
+        """Keep the top ``value`` experts per token (None: all of them)."""
+        check_top_k(value, len(self.experts), self.config.enable_softmax_topk, "set_topk_lora")
+        self.config.top_k_lora = value
+
+    def set_global_scaling_weight(self, weight: float) -> None:
+        """Multiply every expert's output by ``weight``."""
+        check_number("global_scaling_weight", weight, "set_global_scaling_weight")
+        self.config.global_scaling_weight = weight
+
+    def get_global_scaling_weight(self) -> float:
+        return self.config.global_scaling_weight
+
+    def set_scaling_pass_value(self, value: float | None) -> None:
+        """The scalings every expert gets in the scaling pass; None means 1 / number of experts, as PEFT."""
+        value = 1 / len(self.experts) if value is None else value
+        check_number("scaling_pass_value", value, "set_scaling_pass_value")
+        self.config.scaling_pass_value = value
+
+    def get_latest_scalings(self) -> torch.Tensor | None:
+        """The classifier's scalings of the last call, ``(batch, seq, n_layers, n_experts)``; None before any call."""
+        return self._latest
+
+    def enable_scalings_logging(self) -> None:
+        self._logging = True
+
+    def disable_scalings_logging(self) -> None:
+        """Stop logging; the log is kept."""
+        self._logging = False
+
+    def clear_scalings_log(self) -> None:
+        self._log.clear()
+
+    def get_scalings_log(self) -> list[torch.Tensor]:
+        """A copy of the list of logged scalings (the tensors are not copied)."""
+        return list(self._log)
+
+    def get_bucketed_scalings_log(self) -> dict[int, tuple[list[int], list[torch.Tensor]]]:
+        """The log grouped by sequence length: ``{seq_len: (positions in the log, scalings)}``."""
+        buckets: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
+        for position, scalings in enumerate(self._log):
+            positions, tensors = buckets.setdefault(scalings.shape[1], ([], []))
+            positions.append(position)
+            tensors.append(scalings)
+        return buckets
+
+    def enable_adapter_layers(self) -> None:
+        self._disabled = False
+
+    def disable_adapter_layers(self) -> None:
+        """Compute the base model (one pass, no classifier, scalings not updated) until ``enable_adapter_layers``."""
+        self._disabled = True
+
+    # ------------------------------------------------------------------ classifier checkpoints
+    def save_classifier(self, path: str | Path) -> Path:
+        """Write the classifier's weights to a safetensors file (keys as ``classifier.state_dict()``)."""
+        layers = [t.name for t in self.targets]
+        return checkpoint.save_classifier(self.classifier.state_dict(), path, self.experts, layers)
+
+    def load_classifier(self, path: str | Path) -> None:
+        """Load classifier weights from ``save_classifier``'s file or a PEFT X-LoRA checkpoint: the directory PEFT's
+        ``save_pretrained`` wrote, or its ``adapter_model.safetensors`` (keys ``…internal_xlora_classifier.*``).
+        Reads safetensors only, never a pickle. Checked first: on an error nothing changes. PEFT's folder quirks:
+        ``checkpoint.read_classifier``.
+        """
+        cfg = self.config
+        describe = (f"{len(self.experts)} experts, {len(self.targets)} layers, xlora_depth={cfg.xlora_depth}, "
+                    f"layerwise_scalings={cfg.layerwise_scalings}")
+        self.classifier.load_state_dict(checkpoint.read_classifier(path, self.classifier.state_dict(), describe))
+
+
+def _classifier_head(model: nn.Module, layers: dict[str, Target]) -> Target:
+    """The layer whose input the classifier reads: the output head (``get_output_embeddings()``), else the last
+    linear-like layer the graph calls."""
+    head = output_head(model) or next(reversed(layers), None)
+    if head not in layers:
+        raise ValueError(f"X-LoRA: cannot find the output head of {type(model).__name__} among its linear layers "
+                         f"(got {head!r}); the classifier reads the head's input (the last hidden state)")
+    return layers[head]
+
+
+def _checked(config, where: str) -> XLoraConfig:
+    if not isinstance(config, XLoraConfig):
+        raise TypeError(f"{where}: config must be a fx_adapters.XLoraConfig, got {type(config).__name__}")
+    return config
+
+
+def _read_experts(config: XLoraConfig) -> list[LoraExpert]:
+    """Every expert of ``config``, read from disk or its (config, state dict) pair and checked on its own."""
+    return [read_lora_expert(name, value) for name, value in config.adapters.items()]
+
+
+def _build(model: nn.Module, captured: CapturedModel, config: XLoraConfig, experts: Sequence[LoraExpert]
+           ) -> XLoraModule:
+    """The X-LoRA pipeline, for every entry point: experts checked against the captured layers, the classifier,
+    the stacked experts, ``passes.xlora_passes`` on a copy of the captured graph."""
+    config = copy.copy(config)
+    modules = dict(model.named_modules())
+    types = {name: type(m) for name, m in modules.items()}
+    linear = {t.name: t for t in find_linear_layers(captured.graph_module, types)}
+    layers = {**linear, **{t.name: t for t in find_embedding_layers(captured.graph_module, types)}}
+    check_experts(experts, layers, modules)
+    order = {name: i for i, name in enumerate(modules)}
+    targets = tuple(layers[p] for p in sorted({p for e in experts for p in e.weights}, key=order.__getitem__))
+    head = _classifier_head(model, linear)
+    hidden_size = config.hidden_size or head.in_features
+    if hidden_size != head.in_features:
+        raise ValueError(f"XLoraConfig: hidden_size={config.hidden_size} but the classifier reads the input of the "
+                         f"output head {head.name!r}, which has {head.in_features} features; pass "
+                         f"hidden_size={head.in_features} or None")
+    param = next(model.parameters())
+    classifier = XLoraClassifier(
+        hidden_size, len(experts), len(targets), depth=config.xlora_depth, size=config.xlora_size,
+        dropout_p=config.xlora_dropout_p, layerwise=config.layerwise_scalings,
+        enable_softmax=config.enable_softmax, temperature=config.softmax_temperature,
+        dtype=param.dtype, device=param.device)
+    # PEFT keeps LoRA weights in the model's dtype, fp16/bf16 ones upcast to fp32
+    expert_dtype = torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else param.dtype
+    stacked = stack_experts(experts, targets, expert_dtype, param.device, config.use_trainable_adapters)
+    source = captured.graph_module
+    gm = torch.fx.GraphModule(source, copy.deepcopy(source.graph), type(source).__name__)
+    mark_non_persistent_buffers(gm, source)
+    run_passes(gm, xlora_passes(head.nodes[0], classifier, {t: (i, stacked[t]) for i, t in enumerate(targets)}))
+    xm = XLoraModule(captured, gm, tuple(config.adapters), targets, config).train(model.training)
+    generation.attach(xm, model)
+    return xm
+
+
+def compile_with_xlora(model: nn.Module, config: XLoraConfig, example_inputs: tuple | None = None,
+                       example_kwargs: dict | None = None) -> XLoraModule:
+    """Read ``config``'s experts (errors name the expert, before any capture), capture ``model`` and build its
+    X-LoRA graph; ``model`` is not modified."""
+    experts = _read_experts(_checked(config, "compile_with_xlora"))
+    captured = capture(model, example_inputs=example_inputs, example_kwargs=example_kwargs)
+    return _build(model, captured, config, experts)
