@@ -1,4 +1,10 @@
-"""Shared builders: tiny random models (no downloads), PEFT's test MLP, and oracle helpers."""
+"""Shared builders: tiny random models (no downloads), PEFT's test MLP, and oracle helpers.
+
+The device comes from ``FXA_TEST_DEVICE`` (default ``cpu``): ``FXA_TEST_DEVICE=cuda python -m pytest -q`` runs the
+suite on a GPU. Models and batches built here are put on it, and it is torch's default device for everything else
+the tests create; random draws use CPU generators (the same numbers on every device) and move. Tests marked
+``cuda_only`` skip on other devices.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +24,20 @@ settings.register_profile("default", max_examples=15, deadline=None, derandomize
 settings.load_profile("default")
 
 VOCAB = 128
+DEVICE = torch.device(os.environ.get("FXA_TEST_DEVICE", "cpu"))
+if DEVICE.type != "cpu":
+    torch.set_default_device(DEVICE)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda_only: runs only when FXA_TEST_DEVICE is a CUDA device")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason=f"CUDA-only; FXA_TEST_DEVICE is {DEVICE}")
+    for item in items:
+        if "cuda_only" in item.keywords and DEVICE.type != "cuda":
+            item.add_marker(skip)
 
 
 class MLP(nn.Module):
@@ -41,7 +61,7 @@ class MLP(nn.Module):
 
 
 def mlp_input() -> torch.Tensor:
-    return torch.arange(90).view(9, 10).float()
+    return torch.arange(90, device=DEVICE).view(9, 10).float()
 
 
 def build_hf(arch: str, dtype=torch.float32):
@@ -54,7 +74,8 @@ def build_hf(arch: str, dtype=torch.float32):
         cfg_cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[arch]
         cfg = cfg_cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=128, **common)
-        model = {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM}[arch](cfg)
+        model_cls = {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM}
+        model = model_cls[arch](cfg)
     elif arch == "gpt2":
         model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **common))
     elif arch == "opt":
@@ -62,16 +83,16 @@ def build_hf(arch: str, dtype=torch.float32):
                                                max_position_embeddings=128, word_embed_proj_dim=64, **common))
     else:
         raise ValueError(arch)
-    return model.to(dtype).eval()
+    return model.to(device=DEVICE, dtype=dtype).eval()
 
 
 def token_batch(batch: int, seq: int, seed: int = 0, left_pad: int = 0):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (batch, seq), generator=g)
+    ids = torch.randint(1, VOCAB, (batch, seq), generator=g, device="cpu")
     mask = torch.ones_like(ids)
     if left_pad:
         mask[0, :left_pad] = 0
-    return ids, mask
+    return ids.to(DEVICE), mask.to(DEVICE)
 
 
 def peft_road(model: nn.Module, **config):
@@ -88,11 +109,8 @@ def tmp_session(tmp_path_factory):
 
 def road_params_of(am, adapter_name):
     """{module path: (theta, alpha)} of one of our adapters."""
-    from fx_adapters.passes.rewrite import layer_key
-
-    layers = am.graph_module.road_adapters
-    return {t.name: (layers[layer_key(t.name)].road_theta[adapter_name].detach(),
-                     layers[layer_key(t.name)].road_alpha[adapter_name].detach())
+    params = am.adapter_parameters(adapter_name)
+    return {t.name: (params[t.name, "road_theta"].detach(), params[t.name, "road_alpha"].detach())
             for t in am.adapter_targets(adapter_name)}
 
 
