@@ -3,7 +3,6 @@ on the module's graph, ``generate`` on the prefill and decode graphs of the same
 (``remove_road``), and what lives in the rewritten graph module: each adapter's parameters, which are trainable.
 
 >>> import torch
-from torch import nn
 >>> from torch import nn
 >>> from fx_adapters.graph.match import find_linear_layers
 >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)))
