@@ -16,7 +16,7 @@ the same graph.
 >>> signature = CallSignature.of(values, flags, training=False, **params)
 >>> signature.input_names, signature.flags
 (('input_ids',), (('return_dict', False),))
->>> bind_call(Model(), (), {"label": 1})
+>>> bind_call(Model(), (torch.ones(1),), {"label": 1})
 Traceback (most recent call last):
 ...
 TypeError: Model.forward() got an unexpected keyword argument 'label'
