@@ -14,15 +14,23 @@ from ..graph.graph_module import read_from
 from .captures import road_rewrite
 
 
-def generate_road(am, input_ids: torch.Tensor, adapter_names: Sequence[str] | None = None, **options) -> torch.Tensor:
-    """``AdaptedModule.generate``: the active adapter(s), or one adapter name (or ``"__base__"``) per row with
-    ``adapter_names``, as ``forward``."""
+def generate_road(am, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+    """``AdaptedModule.generate``: transformers' ``generate(*args, **kwargs)`` with the active adapter(s), or one
+    adapter name (or ``"__base__"``) per prompt with ``adapter_names``, as ``forward`` (each prompt's beams and
+    returned sequences keep its adapter)."""
     source = generation.source_of(am)
-    index = am.road_input(adapter_names, generation.batch_size(input_ids))
+    generation.check_arguments(source, kwargs)
+    index = am.road_input(adapter_names, generation.batch_size(args, kwargs))
     sites, build = road_rewrite(am.graph_module)
 
     def graphs(source: generation.GenerationSource) -> tuple:
         return tuple(read_from(build(gm, source.model), am.graph_module)
                      for gm in (source.captured.prefill, source.captured.decode))
     prefill, decode = source.graphs(("road", sites), graphs)
-    return generation.generate(generation.graph_step(prefill, decode, (index,)), source, input_ids, **options)
+
+    def step(inputs: tuple, cache: tuple) -> tuple[torch.Tensor, tuple]:  # beams and sequences repeat each row
+        rows = index
+        if index is not None and index.dim() == 1:
+            rows = index.repeat_interleave(inputs[0].shape[0] // index.shape[0])
+        return generation.graph_step(prefill, decode, (rows,))(inputs, cache)
+    return generation.generate(step, source, am, *args, **kwargs)
