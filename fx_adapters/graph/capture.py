@@ -47,7 +47,7 @@ from torch.export import Dim
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from . import bnb
-from .graph_module import mark_non_persistent_buffers, owned_copy
+from .graph_module import mark_non_persistent_buffers, outside_inference_mode, owned_copy
 
 __all__ = ["CaptureError", "CapturedModel", "Constant", "WRAPPED", "bnb_stand_ins", "capture", "capture_error",
            "flat_graph_module", "interpreting_graphs"]
@@ -133,6 +133,7 @@ def interpreting_graphs(wrap) -> Iterator[None]:
         _GRAPH_WRAPPER.reset(token)
 
 
+@outside_inference_mode
 def capture(
     model: nn.Module, example_inputs: tuple | None = None, example_kwargs: dict | None = None, training: bool = False
 ) -> CapturedModel:

@@ -30,7 +30,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .capture import CapturedModel, CaptureError, capture
-from .graph_module import owned_copy, read_from
+from .graph_module import outside_inference_mode, owned_copy, read_from
 from .signature import CallSignature, bind_call
 
 __all__ = ["Captures", "example_inputs"]
@@ -95,6 +95,7 @@ class Captures:
         dtype, device = _parameters_of(module)
         return CallSignature.of(values, flags, training=module.training, dtype=dtype, device=device), values
 
+    @outside_inference_mode
     def graph(self, signature: CallSignature, values: dict, key, build: Build, source: nn.Module
               ) -> torch.fx.GraphModule:
         """The graph for ``signature`` rewritten by ``build`` for the current ``key``, reading ``source``'s tensors;

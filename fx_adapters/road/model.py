@@ -26,6 +26,7 @@ from torch import nn
 from ..graph import generation
 from ..graph.capture import CapturedModel, capture
 from ..graph.captures import Captures
+from ..graph.graph_module import outside_inference_mode
 from ..graph.match import FindLinearLayers, Target, layer_key, output_head
 from ..graph.passes import run_passes
 from ..graph.signature import SignedForward
@@ -229,9 +230,9 @@ class AdaptedModule(CompileMixin, nn.Module):
             signature, values, *road_rewrite(self.graph_module), self.graph_module)
         return self.captures.call(signature, graph, values, extra=(index,))
 
-    def generate(self, input_ids: torch.Tensor, adapter_names: Sequence[str] | None = None, **kwargs) -> torch.Tensor:
-        """Generate with a KV cache (``adapter_names``: one per row); see ``fx_adapters.graph.generation``."""
-        return generate_road(self, input_ids, adapter_names, **kwargs)
+    def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        """transformers' ``generate`` with a KV cache (``adapter_names``: one per prompt); ``graph.generation``."""
+        return generate_road(self, *args, adapter_names=adapter_names, **kwargs)
 
     @property
     def merged_adapters(self) -> list[str]:
@@ -343,6 +344,7 @@ class AdaptedModule(CompileMixin, nn.Module):
                                              self.adapter_parameters(adapter_name), self._name_or_path)
 
 
+@outside_inference_mode
 def compile_with_road(model: nn.Module, config: RoadConfig, example_inputs: tuple | None = None,
                       example_kwargs: dict | None = None, adapter_name: str = "default") -> AdaptedModule:
     """Capture ``model`` as a graph and add the RoAd adapter ``adapter_name``; ``model`` is not modified."""
