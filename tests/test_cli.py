@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -150,6 +151,9 @@ def write_classifier(path: Path, hidden_size: int) -> None:
     save_file(XLoraClassifier(hidden_size, len(XLORA_EXPERTS), n_layers=1).state_dict(), path)
 
 
+STEP_COUNT = re.compile(r"^[\w ,.-]+ \(\d+\)$")  # `UI.bar`'s line: "description (total)"
+
+
 def cli(root: Path, *args: str, script: bool = False) -> Future:
     """``python -m fx_adapters *args`` in ``root`` (``script``: the console script ``SCRIPT *args``), started once per
     session; the future of its CompletedProcess."""
@@ -168,8 +172,10 @@ def _run(root: Path, argv: list[str], env: dict) -> subprocess.CompletedProcess:
 
 
 def visible_lines(text: str) -> list[str]:
-    """What a terminal shows: the text after each line's last carriage return (progress bars), non-blank."""
-    return [shown for line in text.split("\n") if (shown := line.rsplit("\r", 1)[-1]).strip()]
+    """What a terminal shows, but the step lines printed in place of progress bars (stderr is a pipe here): the text
+    after each line's last carriage return, non-blank."""
+    shown = (line.rsplit("\r", 1)[-1] for line in text.split("\n"))
+    return [line for line in shown if line.strip() and not line.endswith(" ...") and not STEP_COUNT.search(line)]
 
 
 @pytest.fixture(scope="module")
@@ -241,8 +247,11 @@ def test_demo_out_keeps_a_pt2_that_computes_the_math_adapter_eagerly(tmp_path, m
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
-def test_progress_bars_show_unless_quiet(ws):
-    assert "steps [" in cli(ws, *MERGE).result().stderr
+def test_without_a_terminal_steps_are_printed_once_as_lines_unless_quiet(ws):
+    stderr = cli(ws, *MERGE).result().stderr
+    assert "\r" not in stderr and "steps [" not in stderr  # no redrawn bars in a log
+    steps = [line for line in stderr.splitlines() if line.endswith(" ...")]
+    assert steps and len(steps) == len(set(steps))
     assert cli(ws, *MERGE_OTHER).result().stderr == ""
 
 

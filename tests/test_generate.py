@@ -14,6 +14,8 @@ import torch
 from conftest import build_hf, peft_road, token_batch
 from peft import RoadConfig as PeftRoadConfig
 from torch import nn
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 from xlora_helpers import peft_classifier_state, peft_xlora, save_experts
 
 import fx_adapters as fxa
@@ -123,6 +125,15 @@ def test_generation_stops_at_eos_and_pads_as_peft(xlora):
     assert (got[0, ids.shape[1] + 5:] == 0).all()
 
 
+def test_xlora_beam_search_with_penalties_equals_peft_and_its_scalings_follow_the_beams(xlora):
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        expected = xlora.peft.generate(input_ids=ids, attention_mask=mask, **BEAMS)
+        assert not torch.equal(xlora.model.generate(input_ids=ids, attention_mask=mask, **BEAMS), expected)
+    assert torch.equal(xlora.ours.generate(input_ids=ids, attention_mask=mask, **BEAMS), expected)
+    torch.testing.assert_close(xlora.ours.get_latest_scalings(), xlora.peft.get_latest_scalings(), atol=1e-5, rtol=0)
+
+
 def test_disabled_xlora_generates_the_base_model(xlora):
     ids, mask = padded_batch()
     xlora.ours.disable_adapter_layers()
@@ -152,6 +163,84 @@ def road(request, tmp_path_factory):
     ours.set_adapter("first")
     peft_model.set_adapter("default")
     return SimpleNamespace(model=model, peft=peft_model, ours=ours.eval(), directory=directory)
+
+
+class TokenRecorder(BaseStreamer):
+    """A streamer keeping what ``generate`` streams: the prompt, then each step's tokens."""
+
+    def __init__(self):
+        self.tokens = []
+
+    def put(self, value):
+        self.tokens.append(value.clone())
+
+    def end(self):
+        self.tokens.append("end")
+
+
+class BanToken(LogitsProcessor):
+    def __init__(self, token: int):
+        self.token = token
+
+    def __call__(self, input_ids, scores):
+        return scores.index_fill(-1, torch.tensor([self.token]), -float("inf"))
+
+
+class StopAt(StoppingCriteria):
+    def __init__(self, length: int):
+        self.length = length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length)
+
+
+# num_beams with num_return_sequences, repetition and n-gram penalties, a minimum length: every beam reorders the cache
+BEAMS = dict(num_beams=3, num_return_sequences=2, repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=6,
+             max_new_tokens=8, length_penalty=0.5)
+
+
+def test_road_beam_search_with_penalties_equals_peft(road):
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        expected = road.peft.generate(input_ids=ids, attention_mask=mask, **BEAMS)
+        with road.peft.disable_adapter():
+            assert not torch.equal(road.peft.generate(input_ids=ids, attention_mask=mask, **BEAMS), expected)
+    assert torch.equal(road.ours.generate(input_ids=ids, attention_mask=mask, **BEAMS), expected)
+
+
+def test_road_generation_config_logits_processor_stopping_criteria_and_streamer_as_peft(road):
+    ids, mask = padded_batch()
+    banned = int(peft_generate(road.peft, ids, mask)[0, ids.shape[1]])  # row 0's first greedy token
+    outputs, streams = [], []
+    config = GenerationConfig(max_new_tokens=10, do_sample=True, top_k=10, return_dict_in_generate=True,
+                              output_scores=True)
+    for module in (road.peft, road.ours):
+        streams.append(TokenRecorder())
+        torch.manual_seed(0)
+        with torch.no_grad():
+            outputs.append(module.generate(
+                input_ids=ids, attention_mask=mask, generation_config=config, streamer=streams[-1],
+                logits_processor=LogitsProcessorList([BanToken(banned)]),
+                stopping_criteria=StoppingCriteriaList([StopAt(ids.shape[1] + 5)])))
+    expected, got = outputs
+    assert expected.sequences.shape[1] == ids.shape[1] + 5 and (expected.sequences[:, ids.shape[1]:] != banned).all()
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(got.scores, expected.scores, atol=1e-5, rtol=0)
+    ours, theirs = ([t if isinstance(t, str) else t.tolist() for t in stream.tokens] for stream in streams[::-1])
+    assert len(ours) == 7 and ours == theirs  # the prompt, five tokens, the end
+
+
+def test_road_mixed_batch_beams_keep_each_prompt_adapter_as_peft_row_by_row(road):
+    ids, mask = padded_batch()
+    got = road.ours.generate(ids[:2], attention_mask=mask[:2], adapter_names=["second", "first"], **BEAMS)
+    for row, adapter in enumerate(("second", "default")):
+        road.peft.set_adapter(adapter)
+        try:
+            with torch.no_grad():
+                expected = road.peft.generate(input_ids=ids[row:row + 1], attention_mask=mask[row:row + 1], **BEAMS)
+        finally:
+            road.peft.set_adapter("default")
+        assert torch.equal(got[2 * row:2 * row + 2], expected)
 
 
 def test_greedy_road_tokens_equal_peft(road):
@@ -193,10 +282,17 @@ def test_road_generate_follows_adapters_added_after_it_ran(road):
 # ----------------------------------------------------------------------------------------------- errors
 
 
-def test_more_tokens_than_positions_raise_naming_the_limit(road):
-    ids, _ = token_batch(1, 7)
-    with pytest.raises(ValueError, match=r"max_position_embeddings=128.*max_new_tokens <= 121"):
-        road.ours.generate(ids, max_new_tokens=122)
+@pytest.mark.parametrize("argument", [dict(assistant_model=object()), dict(cache_implementation="static"),
+                                      dict(return_dict_in_generate=True, output_hidden_states=True),
+                                      dict(generation_config=GenerationConfig(prompt_lookup_num_tokens=3))])
+def test_generation_arguments_the_cached_graphs_cannot_serve_raise_naming_them_before_any_token(road, argument):
+    ids, _ = token_batch(1, 5)
+    streamer = TokenRecorder()
+    name = next(n for n in ("assistant_model", "cache_implementation", "output_hidden_states",
+                            "prompt_lookup_num_tokens") if n in argument or n in str(argument))
+    with pytest.raises(ValueError, match=f"generate: {name}="):
+        road.ours.generate(ids, max_new_tokens=4, streamer=streamer, **argument)
+    assert streamer.tokens == []
 
 
 def test_module_of_a_plain_model_cannot_generate():

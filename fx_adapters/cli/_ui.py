@@ -57,10 +57,12 @@ def quiet_libraries(debug: bool) -> Iterator[None]:
 
 
 class UI:
-    """Results go to stdout; progress bars (tqdm, off with ``--quiet``) to stderr."""
+    """Results go to stdout; progress bars (tqdm, off with ``--quiet``) to stderr when it is a terminal, else each
+    step's name once, as a line (a log file gets no redrawn bars)."""
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
+        self.terminal = sys.stderr.isatty()
 
     @staticmethod
     def print(text: str = "") -> None:
@@ -82,27 +84,33 @@ class UI:
         """A progress bar over ``total`` named steps; the bar goes away when they are done (or fail)."""
         from tqdm import tqdm
 
-        bar = tqdm(total=total, disable=self.quiet, leave=False, file=sys.stderr,
+        bar = tqdm(total=total, disable=self.quiet or not self.terminal, leave=False, file=sys.stderr,
                    bar_format="{desc:<24} {bar:20} {n_fmt}/{total_fmt} steps [{elapsed}]")
         try:
-            yield Steps(bar)
+            yield Steps(bar, lines=not self.quiet and not self.terminal)
         finally:
             bar.close()
 
     def bar(self, total: int, description: str):
-        """A tqdm bar over ``total`` items (``--quiet``: none)."""
+        """A tqdm bar over ``total`` items (``--quiet`` or not a terminal: none; else the description once)."""
         from tqdm import tqdm
 
-        return tqdm(total=total, desc=description, disable=self.quiet, leave=False, file=sys.stderr)
+        if not self.quiet and not self.terminal:
+            print(f"{description} ({total})", file=sys.stderr)
+        return tqdm(total=total, desc=description, disable=self.quiet or not self.terminal, leave=False,
+                    file=sys.stderr)
 
 
 class Steps:
-    """``step("capturing")`` marks the previous step done and names the current one."""
+    """``step("capturing")`` marks the previous step done and names the current one (with ``lines``, also prints
+    it as a line on stderr)."""
 
-    def __init__(self, bar):
-        self.bar, self.started = bar, False
+    def __init__(self, bar, lines: bool = False):
+        self.bar, self.started, self.lines = bar, False, lines
 
     def __call__(self, description: str) -> None:
+        if self.lines:
+            print(f"{description} ...", file=sys.stderr, flush=True)
         if self.started:
             self.bar.update()
         self.bar.set_description_str(description)

@@ -9,8 +9,8 @@ sequence dims, ``use_cache=False``); other modules with ``torch.fx`` symbolic tr
 * Its parameters and buffers live at the same FQNs as in the model, are its own (frozen) ``nn.Parameter``
   objects sharing storage with the model, and ``node.meta["nn_module_stack"]`` paths are relative to the
   model. The caller's model is never modified.
-* Exported graphs are traced in eval mode under ``torch.no_grad()``: dropout inside the model is gone and
-  ``.train()``/``.eval()`` only affect ``call_module`` nodes; autograd works as usual.
+* Exported graphs are traced under ``torch.no_grad()``, in eval mode unless ``training=True``: dropout is in the
+  graph or gone for good, and ``.train()``/``.eval()`` only affect ``call_module`` nodes; autograd works as usual.
 * bitsandbytes ``Linear8bitLt`` / ``Linear4bit`` layers stay opaque: ``call_module`` nodes of the (copied)
   quantized layer in either graph. ``torch.export`` cannot trace them, so while it runs each one is replaced by
   a stand-in calling the custom op ``fx_adapters::bnb_linear`` (output shape from a fake implementation),
@@ -47,7 +47,7 @@ from torch.export import Dim
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from . import bnb
-from .graph_module import mark_non_persistent_buffers, owned_copy
+from .graph_module import mark_non_persistent_buffers, outside_inference_mode, owned_copy
 
 __all__ = ["CaptureError", "CapturedModel", "Constant", "WRAPPED", "bnb_stand_ins", "capture", "capture_error",
            "flat_graph_module", "interpreting_graphs"]
@@ -78,7 +78,7 @@ class CapturedModel:
         ``attention_mask`` defaults to ``torch.ones_like(input_ids)``; ``extra`` values are passed after
         the model inputs (for placeholders appended by a rewrite). Returns the model's output type.
         """
-        values = self._bind(args, kwargs)
+        values = self.bind(args, kwargs)
         input_ids = values.get("input_ids")
         if "attention_mask" in self.input_names and values.get("attention_mask") is None and input_ids is not None:
             values["attention_mask"] = torch.ones_like(input_ids)
@@ -90,7 +90,7 @@ class CapturedModel:
         flat = run(*(values[name] for name in self.input_names), *extra)
         return pytree.tree_unflatten(list(flat), self.out_spec)
 
-    def _bind(self, args: tuple, kwargs: dict) -> dict:
+    def bind(self, args: tuple, kwargs: dict) -> dict:
         """Map ``args``/``kwargs`` to input names, with signature defaults; reject unknown inputs."""
         signature = self.signature or inspect.Signature(
             [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in self.input_names]
@@ -133,15 +133,17 @@ def interpreting_graphs(wrap) -> Iterator[None]:
         _GRAPH_WRAPPER.reset(token)
 
 
+@outside_inference_mode
 def capture(
-    model: nn.Module, example_inputs: tuple | None = None, example_kwargs: dict | None = None
+    model: nn.Module, example_inputs: tuple | None = None, example_kwargs: dict | None = None, training: bool = False
 ) -> CapturedModel:
     """Capture ``model`` as a ``CapturedModel`` (see the module docstring).
 
     ``example_inputs``/``example_kwargs`` are bound to ``model.forward``'s signature; tensors become
     graph inputs, other values are baked into the graph. They are optional for Hugging Face models
     (``input_ids`` + ``attention_mask`` of shape (2, 8) are made from ``model.config``) and for
-    modules that ``torch.fx`` can trace. Raises ``CaptureError`` when no method works.
+    modules that ``torch.fx`` can trace. ``training=True`` exports a Hugging Face model in train mode (its dropout
+    is in the graph, with the model's probabilities). Raises ``CaptureError`` when no method works.
     """
     has_examples = example_inputs is not None or example_kwargs is not None
     transformers = sys.modules.get("transformers")
@@ -149,7 +151,7 @@ def capture(
         if not has_examples:
             ids = torch.randint(0, model.config.get_text_config().vocab_size, (2, 8))
             example_kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        return _export(model, example_inputs, example_kwargs, hf=True)
+        return _export(model, example_inputs, example_kwargs, hf=True, training=training)
     try:
         return _symbolic_trace(model)
     except Exception as e:
@@ -251,7 +253,7 @@ class _Inputs(nn.Module):
         return getattr(self, WRAPPED)(**dict(zip(self.names, inputs)), **self.fixed)
 
 
-def _export(model: nn.Module, example_inputs, example_kwargs, hf: bool) -> CapturedModel:
+def _export(model: nn.Module, example_inputs, example_kwargs, hf: bool, training: bool = False) -> CapturedModel:
     signature = inspect.signature(model.forward)
     try:
         bound = signature.bind(*(example_inputs or ()), **(example_kwargs or {}))
@@ -270,13 +272,13 @@ def _export(model: nn.Module, example_inputs, example_kwargs, hf: bool) -> Captu
             shapes = {n: tuple(arguments[n].shape) for n in names}
             reason = f"batch and sequence sizes must be > 1 or export specializes them, got {shapes}"
             raise capture_error(model, "checking the example inputs", reason, "example inputs of shape (2, 8)")
-        fixed["use_cache"] = False
+        fixed.setdefault("use_cache", False)
         # batch and sequence dims; Dim.DYNAMIC makes export fail rather than specialize them
         dims = tuple({d: Dim.DYNAMIC for d in range(min(arguments[n].dim(), 2))} for n in names)
     else:
         dims = tuple({d: Dim.AUTO for d in range(arguments[n].dim())} for n in names)
 
-    owned = owned_copy(model).eval()
+    owned = owned_copy(model).train(training)
     try:
         with torch.no_grad(), bnb_stand_ins(owned) as bnb_layers:
             ep = torch.export.export(
@@ -296,7 +298,7 @@ def _export(model: nn.Module, example_inputs, example_kwargs, hf: bool) -> Captu
     exported = ep.module(check_guards=False)
     gm, out_spec = flat_graph_module(exported, names, ep.call_spec.out_spec, type(model).__name__, bnb_layers)
     mark_non_persistent_buffers(gm, owned)
-    gm.train(model.training)
+    gm.train(training or model.training)
     return CapturedModel(gm, names, out_spec, "export", signature)
 
 

@@ -1,20 +1,19 @@
-"""Token generation with KV caches for compiled modules, method-agnostic: the decode loop and the sampler.
+"""Token generation with KV caches for compiled modules, method-agnostic: transformers' own ``generate`` over the
+captured cached graphs.
 
 The model a module was compiled from is captured once more, with its KV cache as graph inputs and outputs
-(``capture_cache.py``): a prefill graph for the prompt and a decode-step graph for one new token. Each method
-rewrites both like the module's own graph (``road/generation.py``, ``xlora/generation.py``), reading the module's
-tensors, so they follow ``.to()``, ``load_state_dict``, merges and new adapters; this module runs the loop over
-whatever step function the method builds from them.
+(``capture_cache.py``): a prefill graph for the prompt and a decode-step graph for new tokens. Each method rewrites
+both like the module's own graph (``road/generation.py``, ``xlora/generation.py``), reading the module's tensors, so
+they follow ``.to()``, ``load_state_dict``, merges and new adapters, and provides a *step* function over them:
+``step(inputs, cache) -> (logits, cache)`` with flat tuples of tensors (``cache`` is ``()`` for the prompt).
 
-The loop follows transformers' ``generate``: ``position_ids`` from the attention mask (left padding works), greedy
-``argmax`` or sampling (temperature, top-k, top-p, ``torch.multinomial``), finished rows padded with
-``pad_token_id`` after ``eos_token_id``, output = prompt + new tokens. Only ``eos_token_id`` / ``pad_token_id``
-defaults come from the model's ``generation_config``; ``attention_mask=None`` counts every token (transformers would
-infer a mask from pad tokens in the prompt).
-
-Arguments of ``generate`` (after ``input_ids``, all keyword): ``max_new_tokens`` (required), ``attention_mask``,
-``do_sample=False``, ``temperature=1.0``, ``top_k=50``, ``top_p=1.0``, ``eos_token_id``, ``pad_token_id``, and for
-RoAd ``adapter_names``. Prompt + new tokens must fit the model's ``max_position_embeddings``.
+``generate`` runs transformers' ``GenerationMixin.generate`` on ``StepLM``, a thin model whose ``forward`` calls the
+step and keeps the flat cache in a ``DynamicCache`` (two tensors per layer; a method may keep more, e.g. X-LoRA's two
+passes and its scalings): beam search reorders every tensor of it, so every transformers generation argument works
+as on the model — ``num_beams``, sampling, ``repetition_penalty``, ``no_repeat_ngram_size``, ``min_new_tokens``,
+``logits_processor``, ``stopping_criteria``, ``generation_config``, ``streamer``, ``return_dict_in_generate`` — with
+the model's ``generation_config`` as defaults. Arguments the cached graphs cannot serve (``REFUSED``) raise
+``ValueError`` naming them before any token is produced.
 
 >>> import torch, transformers, fx_adapters as fxa
 >>> cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -22,26 +21,28 @@ RoAd ``adapter_names``. Prompt + new tokens must fit the model's ``max_position_
 >>> model = transformers.LlamaForCausalLM(cfg).eval()
 >>> am = fxa.compile_with_road(model, fxa.RoadConfig(group_size=4, target_modules="all-linear", init_weights=False))
 >>> ids = torch.randint(3, 64, (2, 5))
->>> out = am.generate(ids, max_new_tokens=6)
+>>> out = am.generate(ids, max_new_tokens=6, num_beams=2)
 >>> out.shape
 torch.Size([2, 11])
 >>> with am.disable_adapters():
-...     torch.equal(am.generate(ids, max_new_tokens=6), model.generate(ids, max_new_tokens=6, do_sample=False))
+...     torch.equal(am.generate(ids, max_new_tokens=6, num_beams=2), model.generate(ids, max_new_tokens=6, num_beams=2))
 True
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from .capture_cache import CacheGraphs, capture_with_cache, is_causal_lm
-from .graph_module import owned_copy, read_from
+from .graph_module import outside_inference_mode, owned_copy, read_from
 
-__all__ = ["GenerationSource", "Step", "attach", "base_step", "batch_size", "generate", "graph_step", "module_types",
-           "source_of"]
+__all__ = ["REFUSED", "GenerationSource", "Step", "StepLM", "attach", "base_step", "batch_size", "generate",
+           "graph_step", "module_types", "source_of"]
+
 
 Step = Callable[[tuple, tuple], tuple[torch.Tensor, tuple]]  # (model inputs, cache or ()) -> (logits, new cache)
 
@@ -65,6 +66,7 @@ class GenerationSource:
         new.captured = self.captured  # read-only templates; built graphs would read the original module
         return new
 
+    @outside_inference_mode
     def graphs(self, key, build: Callable[[GenerationSource], tuple]
                ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
         if self.captured is None:
@@ -113,85 +115,108 @@ def graph_step(prefill: torch.fx.GraphModule, decode: torch.fx.GraphModule, extr
     return step
 
 
-# -------------------------------------------------------------------------------------------------- loop
+# -------------------------------------------------------------------------------------------------- generate
+
+REFUSED = {
+    "assistant_model": "assisted decoding feeds several tokens to a decode step and crops the cache",
+    "prompt_lookup_num_tokens": "prompt-lookup decoding feeds several tokens to a decode step and crops the cache",
+    "assistant_early_exit": "assisted decoding feeds several tokens to a decode step and crops the cache",
+    "custom_generate": "a custom generation loop may call the model in ways the cached graphs do not take",
+    "cache_implementation": "the cached graphs keep a dynamic cache (DynamicCache) only",
+    "cache": "the cached graphs start from an empty cache; pass the whole prompt instead",
+    "past_key_values": "the cached graphs start from an empty cache; pass the whole prompt instead",
+    "inputs_embeds": "the cached graphs take token ids; pass input_ids",
+    "output_attentions": "the cached graphs return logits and the cache only",
+    "output_hidden_states": "the cached graphs return logits and the cache only",
+    "dola_layers": "DoLa decoding needs the hidden states of every layer",
+}
+"""Generation arguments the cached graphs cannot serve, and why."""
 
 
-def generate(step: Step, source: GenerationSource, input_ids: torch.Tensor, *, max_new_tokens: int,
-              attention_mask: torch.Tensor | None = None, do_sample: bool = False, temperature: float = 1.0,
-              top_k: int | None = 50, top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
-              pad_token_id: int | None = None) -> torch.Tensor:
-    """Prompt + up to ``max_new_tokens`` tokens per row, ``(batch, prompt + new)``; see the module docstring."""
-    _check_inputs(source, input_ids, attention_mask, max_new_tokens)
-    config = source.model.generation_config
-    eos = eos_token_id if eos_token_id is not None else config.eos_token_id
-    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or ()), device=input_ids.device)
-    pad = pad_token_id if pad_token_id is not None else config.pad_token_id
-    pad = pad if pad is not None else (int(eos[0]) if len(eos) else None)
-    choose = _sampler(temperature, top_k, top_p) if do_sample else None
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as transformers' generate
-    with_positions = "position_ids" in source.captured.input_names
-    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    tokens, new, cache = input_ids, input_ids, ()
+class StepLM(nn.Module):
+    """The model ``generate`` sees: ``forward`` runs ``step`` on the inputs transformers prepares and returns the
+    logits with the cache, a ``DynamicCache`` holding the step's flat cache two tensors per layer (rebound, not
+    copied). Built per call (``generate``), with the model's ``config`` and ``generation_config``."""
+
+    main_input_name = "input_ids"
+    _is_stateful = False
+
+    def __init__(self, step: Step, source: GenerationSource, input_names: tuple[str, ...], device: torch.device,
+                 dtype: torch.dtype):
+        super().__init__()
+        self.step, self.input_names = step, input_names
+        self.config = source.model.config
+        self.generation_config = copy.deepcopy(source.model.generation_config)
+        self.device, self.dtype = device, dtype
+
+    def can_generate(self) -> bool:
+        return True
+
+    def is_remote_code(self) -> bool:  # read by transformers' generate, as on a PreTrainedModel
+        return False
+
+    def get_experts_implementation(self) -> dict:
+        return {}
+
+    def set_experts_implementation(self, *_) -> None:
+        pass
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, **_):
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        past = 0 if cache is None else cache.get_seq_length()
+        if attention_mask is None:  # generate drops an all-ones mask
+            attention_mask = input_ids.new_ones(input_ids.shape[0], past + input_ids.shape[1])
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+            position_ids = position_ids[:, -input_ids.shape[1]:]
+        given = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        flat = () if past == 0 else tuple(t for layer in cache.layers for t in (layer.keys, layer.values))
+        logits, flat = self.step(tuple(given[n] for n in self.input_names), flat)
+        cache = DynamicCache() if cache is None else cache
+        if past == 0:
+            cache.layers[:] = [DynamicLayer() for _ in range(len(flat) // 2)]
+        for layer, keys, values in zip(cache.layers, flat[::2], flat[1::2]):
+            layer.keys, layer.values, layer.is_initialized = keys, values, True
+            layer.device, layer.dtype = keys.device, keys.dtype
+        return CausalLMOutputWithPast(logits=logits, cache=cache)
+
+
+def _generate_class() -> type:
+    from transformers import GenerationMixin
+
+    return type("StepLM", (StepLM, GenerationMixin), {})
+
+
+def generate(step: Step, source: GenerationSource, module: nn.Module, *args, **kwargs):
+    """transformers' ``generate(*args, **kwargs)`` over ``step`` (module docstring); ``module`` gives the device and
+    dtype. Returns what transformers' ``generate`` returns."""
+    check_arguments(source, kwargs)
+    parameter = next((p for p in module.parameters() if p.is_floating_point()), None)
+    device, dtype = (parameter.device, parameter.dtype) if parameter is not None else (torch.device("cpu"),
+                                                                                      torch.float32)
+    lm = _generate_class()(step, source, source.captured.input_names, device, dtype)
     with torch.no_grad():
-        for _ in range(max_new_tokens):
-            logits, cache = step((new, mask, positions) if with_positions else (new, mask), cache)
-            scores = logits[:, -1].float()
-            new = torch.argmax(scores, dim=-1) if choose is None else choose(tokens, scores)
-            if len(eos):
-                new = torch.where(unfinished, new, pad)
-                unfinished &= ~torch.isin(new, eos)
-            new = new[:, None]
-            tokens = torch.cat([tokens, new], dim=-1)
-            if not unfinished.any():
-                break
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
-            positions = positions[:, -1:] + 1
-    return tokens
+        return lm.generate(*args, **kwargs)
 
 
-def batch_size(input_ids) -> int:
+def check_arguments(source: GenerationSource, kwargs: dict) -> None:
+    """Raise ``ValueError`` naming a generation argument (or ``generation_config`` field) the cached graphs cannot
+    serve."""
+    config = kwargs.get("generation_config")
+    for name, why in REFUSED.items():
+        value = kwargs.get(name, getattr(config, name, None))
+        if value is not None and value is not False and not (name == "cache_implementation" and value == "dynamic"):
+            raise ValueError(f"generate: {name}={value!r} is not supported by the compiled module's cached graphs "
+                             f"({why}); leave it out")
+
+
+def batch_size(args: tuple, kwargs: dict) -> int:
+    """The batch size of a ``generate`` call's ``input_ids`` (positional or keyword)."""
+    input_ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
         raise ValueError(f"generate: input_ids must be a (batch, sequence) tensor of token ids, got "
                          f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
     return input_ids.shape[0]
-
-
-def _check_inputs(source: GenerationSource, input_ids, attention_mask, max_new_tokens) -> None:
-    batch_size(input_ids)
-    if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise ValueError(f"generate: attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
-                         f"{tuple(input_ids.shape)}; pass one mask entry per token")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    limit = getattr(source.model.config.get_text_config(), "max_position_embeddings", None)
-    length = input_ids.shape[1] + max_new_tokens
-    if limit is not None and length > limit:
-        raise ValueError(f"generate: prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} = {length} "
-                         f"positions, but the cache holds at most max_position_embeddings={limit} of this "
-                         f"{type(source.model).__name__}; pass max_new_tokens <= "
-                         f"{max(limit - input_ids.shape[1], 0)} or a shorter "
-                         "prompt")
-
-
-def _sampler(temperature: float, top_k: int | None, top_p: float) -> Callable:
-    """transformers' sampling: its warpers in its order, then ``multinomial`` on the softmax."""
-    from transformers.generation.logits_process import (
-        LogitsProcessorList,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
-    warpers = LogitsProcessorList()
-    if temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(temperature))
-    if top_k:
-        warpers.append(TopKLogitsWarper(top_k))
-    if top_p < 1.0:
-        warpers.append(TopPLogitsWarper(top_p))
-
-    def choose(tokens: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(warpers(tokens, scores), dim=-1)
-        return torch.multinomial(probs, num_samples=1).squeeze(1)
-    return choose

@@ -19,9 +19,21 @@ import torch
 from torch import nn
 
 __all__ = ["SOURCE_ATTR", "assign_tensor", "attr_tensor", "copy_graph_module", "mark_non_persistent_buffers",
-           "owned_copy", "read_from", "tensor_at"]
+           "outside_inference_mode", "owned_copy", "read_from", "tensor_at"]
 
 SOURCE_ATTR = "fxa_source"  # submodule name under which `read_from` graphs reach their source module
+
+
+def outside_inference_mode(function):
+    """``function`` run with ``torch.inference_mode(False)``: what it creates (parameters, tables, merged weights,
+    captured graphs) are normal tensors even when the caller is inside ``torch.inference_mode()``, so the module
+    still trains, and updates them in place, afterwards (inference tensors have no version counter and cannot be
+    saved for backward)."""
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        with torch.inference_mode(False):
+            return function(*args, **kwargs)
+    return run
 
 
 def owned_copy(model: nn.Module) -> nn.Module:

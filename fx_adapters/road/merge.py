@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from ..graph.graph_module import assign_tensor, copy_graph_module
+from ..graph.graph_module import assign_tensor, copy_graph_module, outside_inference_mode
 from ..graph.passes import PlainOutput, run_passes
 from .fold import Fold, RotateWeights, StripRoad, requantization_warning
 
@@ -77,6 +77,7 @@ class MergeState:
             self.warned_requantization = True
             warnings.warn(requantization_warning(rotate.requantized), UserWarning, stacklevel=4)
 
+    @outside_inference_mode
     def merge(self, gm: torch.fx.GraphModule, names: Sequence[str], folds: Callable[[str], tuple[Fold, ...]],
               copies_of: Callable[[Sequence[str]], dict[str, torch.Tensor]], safe: bool) -> None:
         """Merge the adapters ``names`` not merged yet (a warning lists them, as PEFT's): rotate ``gm``'s weights by
@@ -94,6 +95,7 @@ class MergeState:
         self.merges += tuple(merges)
         self.unsaved += (originals,)
 
+    @outside_inference_mode
     def unmerge(self, gm: torch.fx.GraphModule, exact: bool) -> None:
         """Undo every merge, last first, by the inverse of the rotations merged (kept from merge time)."""
         inverse = [fold.inverse(exact) for _, folds in reversed(self.merges) for fold in reversed(folds)]
@@ -113,6 +115,7 @@ class MergeState:
         folded.meta[FOLDED_ADAPTER] = list(names)
         return folded
 
+    @outside_inference_mode
     def unfold(self, folded: torch.fx.GraphModule, names: Sequence[str], inverse: Sequence[Fold]
                ) -> torch.fx.GraphModule:
         """A copy of ``folded`` (left unchanged) with ``inverse`` rotations applied; refuses other ``names`` than

@@ -25,10 +25,14 @@ from torch import nn
 
 from ..graph import generation
 from ..graph.capture import CapturedModel, capture
+from ..graph.captures import Captures
+from ..graph.graph_module import outside_inference_mode
 from ..graph.match import FindLinearLayers, Target, layer_key, output_head
 from ..graph.passes import run_passes
+from ..graph.signature import SignedForward
 from ..graph.torch_compile import CompileMixin
 from . import checkpoint
+from .captures import road_rewrite
 from .config import BASE, RoadConfig
 from .fold import Fold
 from .generation import generate_road
@@ -43,10 +47,13 @@ from .targets import select_layers
 class AdaptedModule(CompileMixin, nn.Module):
     """A captured model whose graph applies RoAd adapters; call it like the original model.
 
-    Extra call argument: ``adapter_names`` (one adapter name or ``"__base__"`` per sample) for mixed batches.
+    Takes the model's inputs (``inspect.signature(am.forward)``; each call signature is captured on first use, see
+    ``graph.captures``), plus ``adapter_names`` (one adapter name or ``"__base__"`` per sample) for mixed batches.
     While adapters are merged, forward computes with the merged weights and no rotation (whatever adapter is
     active); passing ``adapter_names`` or running under ``disable_adapters()`` raises until ``unmerge()``.
     """
+
+    accepts_loss_kwargs = False  # transformers' Trainer: the loss is the model's own, unscaled
 
     def __init__(self, captured: CapturedModel, layers: Sequence[Target], *, model_type: str | None = None,
                  output_head: str | None = None, name_or_path: str | None = None):
@@ -62,6 +69,7 @@ class AdaptedModule(CompileMixin, nn.Module):
         self._disabled = False
         self._tables = TableCache()
         self.merge_state = MergeState()
+        self.captures = Captures(captured, None, torch.float32, torch.device("cpu"))  # compile_with_road: Captures.of
 
     # ------------------------------------------------------------------ adapters
     @property
@@ -202,7 +210,6 @@ class AdaptedModule(CompileMixin, nn.Module):
         finally:
             self._disabled = previous
 
-    # ------------------------------------------------------------------ forward
     def road_input(self, adapter_names: Sequence[str] | None, batch_size: int | None) -> torch.Tensor | None:
         """The ``road_index`` graph input of a call with ``adapter_names`` (None: the active adapters), with the
         tables it selects from brought up to date; raises on names or states a call cannot have."""
@@ -217,16 +224,16 @@ class AdaptedModule(CompileMixin, nn.Module):
         return index
 
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
-        first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
-        index = self.road_input(adapter_names, None if first is None else first.shape[0])
-        return self._captured.call(self._graph_to_call(), *args, extra=(index,), **kwargs)
+        signature, values = self.captures.signature(self, args, kwargs)
+        index = self.road_input(adapter_names, next((v.shape[0] for v in values.values() if torch.is_tensor(v)), None))
+        graph = self._graph_to_call() if signature == self.captures.primary else self.captures.graph(
+            signature, values, *road_rewrite(self.graph_module), self.graph_module)
+        return self.captures.call(signature, graph, values, extra=(index,))
 
-    def generate(self, input_ids: torch.Tensor, adapter_names: Sequence[str] | None = None, **kwargs) -> torch.Tensor:
-        """Generate with a KV cache (``adapter_names``: one adapter or ``"__base__"`` per row); see
-        ``fx_adapters.graph.generation``."""
-        return generate_road(self, input_ids, adapter_names, **kwargs)
+    def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        """transformers' ``generate`` with a KV cache (``adapter_names``: one per prompt); ``graph.generation``."""
+        return generate_road(self, *args, adapter_names=adapter_names, **kwargs)
 
-    # ------------------------------------------------------------------ merge and fold
     @property
     def merged_adapters(self) -> list[str]:
         """The adapters merged into the weights, in merge order."""
@@ -297,7 +304,6 @@ class AdaptedModule(CompileMixin, nn.Module):
         inverse = [fold.inverse(exact) for name in reversed(names) for fold in reversed(self.folds(name))]
         return self.merge_state.unfold(folded, names, inverse)
 
-    # ------------------------------------------------------------------ checkpoints
     def load_adapter(self, path_or_state_dict: str | Path | Mapping[str, torch.Tensor], adapter_name: str = "default",
                      config: RoadConfig | None = None) -> None:
         """Load a PEFT RoAd adapter (a directory or its state dict) into ``adapter_name``.
@@ -338,6 +344,7 @@ class AdaptedModule(CompileMixin, nn.Module):
                                              self.adapter_parameters(adapter_name), self._name_or_path)
 
 
+@outside_inference_mode
 def compile_with_road(model: nn.Module, config: RoadConfig, example_inputs: tuple | None = None,
                       example_kwargs: dict | None = None, adapter_name: str = "default") -> AdaptedModule:
     """Capture ``model`` as a graph and add the RoAd adapter ``adapter_name``; ``model`` is not modified."""
@@ -351,4 +358,5 @@ def compile_with_road(model: nn.Module, config: RoadConfig, example_inputs: tupl
                        output_head=output_head(model), name_or_path=getattr(model_config, "_name_or_path", None))
     am.add_adapter(adapter_name, config)
     generation.attach(am, model)
+    am.captures, am.forward = Captures.of(captured, model), SignedForward(am, model, ("adapter_names",))
     return am.train(model.training)

@@ -21,6 +21,7 @@ from collections.abc import Collection, Sequence
 import torch
 from torch import nn
 
+from ..graph.graph_module import outside_inference_mode
 from ..graph.match import Target, layer_key
 from ..graph.passes import run_passes
 from .fold import Fold
@@ -30,6 +31,7 @@ from .rewrite import InsertRoadRotations, RemoveRoadRotations, road_layers
 ROAD_PARAMS = ("road_theta", "road_alpha")  # an adapter's parameters on each layer it rotates, PEFT's names
 
 
+@outside_inference_mode
 def apply_road(gm: torch.fx.GraphModule, rotations: Sequence[tuple[Target, int]], saved: Sequence[Target]
                ) -> dict[str, str]:
     """Rotate each ``(layer, group size)`` of ``rotations`` and route each ``saved`` layer through its
@@ -39,6 +41,7 @@ def apply_road(gm: torch.fx.GraphModule, rotations: Sequence[tuple[Target, int]]
     return save.renamed
 
 
+@outside_inference_mode
 def add_parameters(gm: torch.fx.GraphModule, adapter: str, config, rotated: Sequence[Target],
                    saved: Sequence[Target]) -> None:
     """Create ``adapter``'s parameters on the layers ``apply_road`` rewrote: PEFT-initialised ``road_theta`` /
@@ -52,6 +55,7 @@ def add_parameters(gm: torch.fx.GraphModule, adapter: str, config, rotated: Sequ
         saved_modules(gm)[layer_key(t.name)].add_copy(adapter, gm.get_parameter(f"{t.name}.weight"), bias)
 
 
+@outside_inference_mode
 def remove_road(gm: torch.fx.GraphModule, keep: Collection[tuple[str, int]], unsaved: Sequence[Target]
                 ) -> dict[str, str]:
     """Remove the rotations of every ``(layer, group size)`` not in ``keep`` and route the ``unsaved`` layers around

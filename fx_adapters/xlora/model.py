@@ -34,7 +34,7 @@ from torch import nn
 
 from ..graph import generation
 from ..graph.capture import CapturedModel, capture
-from ..graph.graph_module import mark_non_persistent_buffers
+from ..graph.graph_module import mark_non_persistent_buffers, outside_inference_mode
 from ..graph.match import Target, find_embedding_layers, find_linear_layers, output_head
 from ..graph.passes import run_passes
 from ..graph.torch_compile import CompileMixin
@@ -93,10 +93,10 @@ class XLoraModule(CompileMixin, nn.Module):
         self.record_scalings(scalings)
         return output
 
-    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Generate with KV caches for both passes; arguments: ``fx_adapters.graph.generation``, scalings:
+    def generate(self, *args, **kwargs):
+        """transformers' ``generate`` with KV caches for both passes (``fx_adapters.graph.generation``); scalings:
         ``fx_adapters.xlora.generation``."""
-        return generate_xlora(self, input_ids, **kwargs)
+        return generate_xlora(self, *args, **kwargs)
 
     def graph_inputs(self) -> tuple:
         """The graph inputs after the model's (``passes.INPUTS``), from the current config."""
@@ -262,6 +262,7 @@ def _build(model: nn.Module, captured: CapturedModel, config: XLoraConfig, exper
     return xm
 
 
+@outside_inference_mode
 def compile_with_xlora(model: nn.Module, config: XLoraConfig, example_inputs: tuple | None = None,
                        example_kwargs: dict | None = None) -> XLoraModule:
     """Read ``config``'s experts (errors name the expert, before any capture), capture ``model`` and build its

@@ -1,0 +1,199 @@
+"""Every input the model takes: each call signature is captured on first use, shares the adapters, and equals PEFT."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import pytest
+import torch
+import transformers as tf
+from conftest import DEVICE, VOCAB, build_hf, peft_road, token_batch
+
+import fx_adapters as fxa
+from fx_adapters.graph.capture import CaptureError
+
+CONFIG = dict(group_size=16, init_weights=False)
+
+
+def _compiled_and_peft(model, targets):
+    am = fxa.compile_with_road(model, fxa.RoadConfig(target_modules=targets, **CONFIG))
+    peft_model = peft_road(model, target_modules=targets, **CONFIG)
+    with torch.no_grad():
+        for (path, name), p in am.adapter_parameters("default").items():
+            getattr(peft_model.base_model.model.get_submodule(path), name)["default"].copy_(p)
+    return am, peft_model
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return _compiled_and_peft(build_hf("llama"), ["q_proj", "v_proj"])
+
+
+@pytest.fixture(scope="module")
+def opt():  # dropout 0.1 in its config
+    return _compiled_and_peft(build_hf("opt"), ["q_proj", "v_proj"])
+
+
+@pytest.fixture(scope="module")
+def bert():
+    torch.manual_seed(0)
+    model = tf.BertForMaskedLM(tf.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=128, vocab_size=VOCAB)).to(DEVICE).eval()
+    return _compiled_and_peft(model, ["query", "value"])
+
+
+def test_forward_shows_the_model_signature_and_adapter_names(llama):
+    parameters = inspect.signature(llama[0].forward).parameters
+    assert {"input_ids", "attention_mask", "position_ids", "inputs_embeds", "labels", "adapter_names"} <= {*parameters}
+
+
+def test_labels_give_the_model_loss_equal_to_peft(llama):
+    am, peft_model = llama
+    ids, mask = token_batch(3, 7, left_pad=2)
+    ours, theirs = am(input_ids=ids, attention_mask=mask, labels=ids), peft_model(input_ids=ids, attention_mask=mask,
+                                                                                  labels=ids)
+    torch.testing.assert_close(ours.loss, theirs.loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("inputs", ["position_ids", "inputs_embeds"])
+def test_optional_inputs_equal_peft(llama, inputs):
+    am, peft_model = llama
+    ids, _ = token_batch(2, 6, seed=1)
+    kwargs = {"input_ids": ids, "position_ids": torch.arange(3, 9, device=DEVICE).expand(2, 6)} \
+        if inputs == "position_ids" else {"inputs_embeds": torch.randn(2, 6, 64, device=DEVICE)}
+    torch.testing.assert_close(am(**kwargs).logits, peft_model(**kwargs).logits, atol=1e-5, rtol=0)
+
+
+def test_return_dict_false_and_hidden_states_give_the_model_tuple(llama):
+    am, peft_model = llama
+    ids, _ = token_batch(2, 5, seed=2)
+    ours = am(input_ids=ids, return_dict=False, output_hidden_states=True)
+    theirs = peft_model(input_ids=ids, return_dict=False, output_hidden_states=True, use_cache=False)
+    assert isinstance(ours, tuple) and len(ours) == len(theirs) == 2
+    torch.testing.assert_close(ours[0], theirs[0], atol=1e-5, rtol=0)
+    for a, b in zip(ours[1], theirs[1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_token_type_ids_on_an_encoder_equal_peft(bert):
+    am, peft_model = bert
+    ids, mask = token_batch(3, 7, left_pad=1)
+    types = torch.randint(0, 2, ids.shape, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    ours = am(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    assert type(ours) is tf.modeling_outputs.MaskedLMOutput
+    torch.testing.assert_close(ours.logits, peft_model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits,
+                               atol=1e-5, rtol=0)
+
+
+def test_training_runs_the_model_dropout_like_peft_and_eval_switches_back(opt):
+    am, peft_model = opt
+    ids, _ = token_batch(2, 6, seed=3)
+    am.train(), peft_model.train()
+    try:
+        torch.manual_seed(7)
+        ours = am(input_ids=ids, labels=ids)
+        ours.loss.backward()
+        torch.manual_seed(7)
+        theirs = peft_model(input_ids=ids, labels=ids, use_cache=False)
+        theirs.loss.backward()
+        torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
+        for (path, name), p in am.adapter_parameters("default").items():
+            their_grad = getattr(peft_model.base_model.model.get_submodule(path), name)["default"].grad
+            torch.testing.assert_close(p.grad, their_grad, atol=1e-6, rtol=1e-4)
+        torch.manual_seed(8)
+        assert not torch.allclose(am(input_ids=ids, labels=ids).logits, ours.logits)  # dropout does run
+    finally:
+        am.eval(), peft_model.eval()
+        am.zero_grad(set_to_none=True), peft_model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(am(input_ids=ids).logits, peft_model(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_new_adapters_reach_every_capture(llama, caplog):
+    am, peft_model = llama
+    ids, _ = token_batch(2, 6, seed=4)
+    am(input_ids=ids, labels=ids)  # captured before the adapter exists
+    targets = ["model.layers.1.self_attn.k_proj"]
+    am.add_adapter("late", fxa.RoadConfig(target_modules=targets, **CONFIG))
+    peft_model.add_adapter("late", __import__("peft").RoadConfig(target_modules=targets, **CONFIG))
+    with torch.no_grad():
+        for (path, name), p in am.adapter_parameters("late").items():
+            getattr(peft_model.base_model.model.get_submodule(path), name)["late"].copy_(p)
+    am.set_adapter("late"), peft_model.set_adapter("late")
+    try:
+        with caplog.at_level(logging.DEBUG, logger="fx_adapters"):
+            ours = am(input_ids=ids, labels=ids)
+        assert not caplog.records  # reused, rewritten again
+        torch.testing.assert_close(ours.loss, peft_model(input_ids=ids, labels=ids).loss, atol=1e-5, rtol=0)
+    finally:
+        am.set_adapter("default"), peft_model.set_adapter("default")
+        am.delete_adapter("late"), peft_model.delete_adapter("late")
+
+
+def test_each_signature_is_captured_once_and_listed(llama, caplog):
+    am, _ = llama
+    ids, _ = token_batch(2, 5, seed=5)
+    with caplog.at_level(logging.DEBUG, logger="fx_adapters"):
+        am(input_ids=ids, output_hidden_states=True)
+        am(input_ids=ids[:1, :3], output_hidden_states=True)  # other sizes, same graph
+    assert len([r for r in caplog.records if "call signature" in r.getMessage()]) == 1
+    listed = [str(s) for s in am.captures.signatures]
+    assert listed[0] == "(input_ids, attention_mask) eval float32 " + str(DEVICE)
+    assert f"(input_ids, attention_mask, output_hidden_states=True) eval float32 {DEVICE}" in listed
+
+
+def test_an_input_the_model_does_not_take_raises_its_type_error_and_captures_nothing(llama):
+    am, _ = llama
+    before = list(am.captures.signatures)
+    with pytest.raises(TypeError, match="LlamaForCausalLM.forward.. got an unexpected keyword argument 'token_types'"):
+        am(input_ids=token_batch(2, 5)[0], token_types=1)
+    assert am.captures.signatures == before
+
+
+def test_use_cache_in_forward_raises_a_capture_error_naming_it(llama):
+    am, _ = llama
+    with pytest.raises(CaptureError, match="use_cache=True.*generate"):
+        am(input_ids=token_batch(2, 5)[0], use_cache=True)
+
+
+def test_a_dtype_move_equals_peft_after_the_same_move():
+    am, peft_model = _compiled_and_peft(build_hf("qwen2"), ["q_proj", "v_proj"])
+    ids, mask = token_batch(2, 6, left_pad=1)
+    am.to(torch.float64), peft_model.to(torch.float64)
+    ours = am(input_ids=ids, attention_mask=mask).logits
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours, peft_model(input_ids=ids, attention_mask=mask).logits, atol=1e-10, rtol=0)
+
+
+class _Batches(torch.utils.data.Dataset):
+    """The same 4 token sequences, 4 times: a loss that training can lower."""
+
+    def __init__(self):
+        self.ids = torch.randint(1, VOCAB, (4, 8), generator=torch.Generator().manual_seed(0)).repeat(4, 1)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
+
+
+def test_transformers_trainer_trains_the_module_and_peft_reproduces_its_adapter(tmp_path):
+    from peft import PeftModel
+
+    model = build_hf("llama")
+    am = fxa.compile_with_road(model, fxa.RoadConfig(target_modules="all-linear", **CONFIG))
+    args = tf.TrainingArguments(tmp_path / "run", per_device_train_batch_size=4, num_train_epochs=2, learning_rate=0.1,
+                                logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True,
+                                use_cpu=DEVICE.type == "cpu")
+    trainer = tf.Trainer(model=am, args=args, train_dataset=_Batches())
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.1
+    am.eval()
+    am.save_adapter(tmp_path / "adapter")
+    peft_model = PeftModel.from_pretrained(model, tmp_path / "adapter").eval()
+    ids, mask = token_batch(2, 6, seed=6)
+    torch.testing.assert_close(am(input_ids=ids, attention_mask=mask).logits,
+                               peft_model(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=0)
