@@ -95,6 +95,13 @@ def token_batch(batch: int, seq: int, seed: int = 0, left_pad: int = 0):
     return ids.to(DEVICE), mask.to(DEVICE)
 
 
+def assert_close_relative(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-4):
+    """Equal up to ``rtol`` of the reference's largest magnitude: for gradients, whose median may be 1e-6, where an
+    absolute tolerance of 1e-6 would accept zeros."""
+    assert want.abs().max() > 0, "a zero reference proves nothing"
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())
+
+
 def peft_road(model: nn.Module, **config):
     """PEFT's RoAd model on a copy of ``model`` (the oracle)."""
     from peft import RoadConfig, get_peft_model

@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from conftest import build_hf, token_batch
+from conftest import assert_close_relative, build_hf, token_batch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from xlora_helpers import logits, peft_classifier_state, peft_xlora, save_experts
@@ -314,12 +314,6 @@ def test_training_steps_lower_the_loss_and_keep_the_experts_bit_identical(setup)
 
 
 PEFT_EXPERT_PARAM = re.compile(r"^base_model\.lora_model\.model\.(.+)\.lora_(?:embedding_)?([AB])\.(\d+)(?:\.weight)?$")
-
-
-def assert_close_relative(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-4):
-    """Equal up to ``rtol`` of the reference's largest magnitude (gradients of 1e-6 are not all equal to 0)."""
-    assert want.abs().max() > 0, "a zero reference proves nothing"
-    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())
 
 
 @pytest.mark.parametrize("scaling_pass_value", [0.0, 0.3], ids=["scaling-pass-without-experts", "scaling-pass-0.3"])
