@@ -33,6 +33,44 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda_only: runs only when FXA_TEST_DEVICE is a CUDA device")
 
 
+# In CI (CI=true, or FXA_NO_SKIPS=1 locally) a test skipped for want of one of these is a failure: their tests are
+# the PEFT / quantization / property evidence, and a quiet skip would make a green run prove less than it says.
+REQUIRED_IN_CI = ("bitsandbytes", "peft", "hypothesis", "console script")
+STRICT_SKIPS = os.environ.get("CI", "").lower() in ("1", "true") or os.environ.get("FXA_NO_SKIPS") == "1"
+_forbidden_skips: dict[str, str] = {}  # node id: reason
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    return str(longrepr[2] if isinstance(longrepr, tuple) else longrepr)
+
+
+def _note_skip(report):
+    if STRICT_SKIPS and report.skipped and any(dep in _skip_reason(report).lower() for dep in REQUIRED_IN_CI):
+        _forbidden_skips[report.nodeid] = _skip_reason(report)
+
+
+def pytest_collectreport(report):
+    _note_skip(report)  # a module-level importorskip
+
+
+def pytest_runtest_logreport(report):
+    _note_skip(report)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _forbidden_skips and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _forbidden_skips:
+        terminalreporter.section("tests skipped in CI (a failure: pip install -e '.[test]' installs what they need)",
+                                 red=True)
+        for nodeid, reason in _forbidden_skips.items():
+            terminalreporter.line(f"{nodeid}: {reason}")
+
+
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason=f"CUDA-only; FXA_TEST_DEVICE is {DEVICE}")
     for item in items:
