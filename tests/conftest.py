@@ -20,8 +20,18 @@ from torch import nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
+# CI and the default run are deterministic (derandomize: the same cases every run). HYPOTHESIS_PROFILE=thorough draws
+# new random cases each run, ten times as many (examples(n) in the tests' own @settings scales the same way):
+#     HYPOTHESIS_PROFILE=thorough python -m pytest -q tests/test_testing.py tests/test_road_equivalence.py
+THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
 settings.register_profile("default", max_examples=15, deadline=None, derandomize=True, print_blob=True)
-settings.load_profile("default")
+settings.register_profile("thorough", max_examples=150, deadline=None, derandomize=False, print_blob=True)
+settings.load_profile("thorough" if THOROUGH else "default")
+
+
+def examples(n: int) -> int:
+    """``max_examples`` for a test's own ``@settings``: ``n`` by default, ten times more with the thorough profile."""
+    return 10 * n if THOROUGH else n
 
 VOCAB = 128
 DEVICE = torch.device(os.environ.get("FXA_TEST_DEVICE", "cpu"))

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import VOCAB, build_hf, peft_road, token_batch
+from conftest import VOCAB, build_hf, examples, peft_road, token_batch
 from hypothesis import find, given, settings
 from hypothesis import strategies as st
 from peft import set_peft_model_state_dict
@@ -47,7 +47,7 @@ def peft_with(model, config, state):
     return peft_model
 
 
-@settings(max_examples=8)
+@settings(max_examples=examples(8))
 @given(data=st.data())
 def test_unbroken_graph_is_equivalent_to_peft(llama, data):
     model, am = llama
@@ -55,12 +55,15 @@ def test_unbroken_graph_is_equivalent_to_peft(llama, data):
     state = data.draw(road_state_dicts(am.match(config), config.variant))
     name = with_random_adapter(am, config, state)
     try:
-        assert_equivalent(am, peft_with(model, config, state), data.draw(token_batches(VOCAB)))
+        inputs = data.draw(token_batches(VOCAB, min_seq=2, min_attended=2))  # one token: q_proj cannot matter
+        with pytest.raises(NotEquivalentError):  # the drawn adapter moves the output: the check below can fail
+            assert_equivalent(am, model, inputs)
+        assert_equivalent(am, peft_with(model, config, state), inputs)
     finally:
         am.delete_adapter(name)
 
 
-@settings(max_examples=8)
+@settings(max_examples=examples(8))
 @given(data=st.data())
 def test_perturbed_rotation_is_named_as_the_first_diverging_layer(llama, data):
     model, am = llama
@@ -161,7 +164,7 @@ def test_mixed_batch_kwargs_go_to_the_compiled_side_only(llama):
     assert_equivalent(am, model, {"input_ids": ids}, compiled_kwargs={"adapter_names": ["__base__"] * 2})
 
 
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 @given(data=st.data())
 def test_drawn_configs_always_compile(llama, data):
     """Non-empty targets whose out_features the group size divides; the compiled model runs a drawn batch."""
@@ -198,7 +201,7 @@ def test_token_batches_pad_on_the_drawn_side():
     assert mask[:, -1].all() and (mask.cummax(dim=1).values == mask).all()
 
 
-@settings(max_examples=50)
+@settings(max_examples=examples(50))
 @given(batch=token_batches(VOCAB, padding=("right",)))
 def test_right_padded_rows_are_ones_then_zeros(batch):
     mask = batch["attention_mask"]
@@ -220,7 +223,7 @@ def test_assignments_shrink_to_the_first_name_but_where_the_case_needs_another()
     assert sorted(drawn) == ["__base__", "a", "a", "a", "a"]
 
 
-@settings(max_examples=50)
+@settings(max_examples=examples(50))
 @given(data=st.data())
 def test_drawn_alphas_stay_away_from_zero(llama, data):
     _, am = llama

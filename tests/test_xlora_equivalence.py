@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, build_hf, token_batch
+from conftest import VOCAB, build_hf, examples, token_batch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracles import Oracle
@@ -114,7 +114,7 @@ def llama():
     return model, capture(model)
 
 
-@settings(max_examples=8)  # each example saves up to 4 PEFT experts and builds two X-LoRA models: ~0.5 s
+@settings(max_examples=examples(8))  # each example saves up to 4 PEFT experts and builds two X-LoRA models: ~0.5 s
 @given(experts=st.lists(st.tuples(st.integers(1, 8), st.sets(st.sampled_from(MODULES), min_size=1),
                                   st.booleans(), st.integers(1, 16)), min_size=1, max_size=4),
        layerwise=st.booleans(), top_k=st.integers(0, 4), scaling_pass_value=st.sampled_from([0.0, 0.25]),
