@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-# Three experts targeting different layers (one the embedding), with different ranks, rsLoRA, alpha_pattern, dropout.
+# Three experts targeting different layers (one the embedding), with different ranks, rsLoRA, alpha_pattern, and
+# dropouts that differ on every layer two experts share (a p given to the wrong expert changes the masks).
 EXPERT_SPECS = (
-    dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    dict(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["q_proj", "v_proj"]),
     dict(r=8, lora_alpha=16, use_rslora=True, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"]),
     dict(r=2, lora_alpha=4, target_modules=["embed_tokens", "k_proj", "o_proj", "down_proj"],
          alpha_pattern={"down_proj": 3}),
