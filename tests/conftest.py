@@ -112,12 +112,13 @@ def mlp_input() -> torch.Tensor:
     return torch.arange(90, device=DEVICE).view(9, 10).float()
 
 
-def build_hf(arch: str, dtype=torch.float32):
-    """A tiny random transformers model in eval mode, seeded."""
+def build_hf(arch: str, dtype=torch.float32, **config):
+    """A tiny random transformers model in eval mode, seeded; ``config`` overrides its config's fields (e.g.
+    ``initializer_range=0.2``: with the default 0.02 attention is nearly uniform, so positions barely matter)."""
     import transformers as tf
 
     torch.manual_seed(0)
-    common = dict(vocab_size=VOCAB, pad_token_id=0)
+    common = dict(vocab_size=VOCAB, pad_token_id=0, **config)
     if arch in ("llama", "mistral", "qwen2"):
         cfg_cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[arch]
         cfg = cfg_cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -138,8 +138,11 @@ def test_disabled_xlora_generates_the_base_model(xlora):
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def road(request, tmp_path_factory):
-    """PEFT's RoAd model with adapters "default" and "second"; ours loads them as "first" and "second"."""
-    model = build_hf(request.param)
+    """PEFT's RoAd model with adapters "default" and "second"; ours loads them as "first" and "second".
+
+    Initialized at 10× the default scale: the default tiny model attends almost uniformly, so its greedy tokens did
+    not depend on the decode positions (a decode at position 0 gave PEFT's tokens)."""
+    model = build_hf(request.param, initializer_range=0.2)
     torch.manual_seed(1)
     peft_model = peft_road(model, variant="road_2", group_size=8, init_weights=False, target_modules="all-linear")
     peft_model.add_adapter("second", PeftRoadConfig(variant="road_4", group_size=4, init_weights=False,
