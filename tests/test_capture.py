@@ -193,8 +193,9 @@ def test_hf_graph_module_survives_deepcopy_and_pickle(hf):
 
 
 def test_hf_graph_module_supports_train_and_eval(hf):
-    gm = copy.deepcopy(hf.gm)
-    assert not gm.train().eval().training
+    gm = copy.deepcopy(hf.gm)  # ep.module() raises NotImplementedError on both
+    assert gm.train() is gm and all(m.training for m in gm.modules())
+    assert gm.eval() is gm and not any(m.training for m in gm.modules())
 
 
 @llama_only

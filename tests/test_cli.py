@@ -329,7 +329,11 @@ def test_merge_adapter_name_picks_the_adapter_peft_saved_under_that_name(ws):
     ok(ws, *MERGE_OTHER)
     got = torch.export.load(ws / "other.pt2").module()(*BATCH)["logits"].float()
     want = peft_logits(ws, "my-road-adapter/other", torch.bfloat16).float()
-    torch.testing.assert_close(got, want, atol=2e-2, rtol=0)  # bfloat16: folding rounds once per weight
+    exact = peft_logits(ws, "my-road-adapter/other")  # PEFT in float32
+    # bfloat16 rounds: within two bfloat16 steps of logits below 1 (1e-2 of the adapter's effect) of PEFT in
+    # bfloat16, and no farther from PEFT in float32 than PEFT's bfloat16 run is
+    torch.testing.assert_close(got, want, atol=8e-3, rtol=0)
+    assert (got - exact).abs().max() <= 1.25 * (want - exact).abs().max()
     assert (got - peft_logits(ws)).abs().max() > 0.1  # not the default adapter
 
 

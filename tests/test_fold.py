@@ -12,12 +12,13 @@ from conftest import MLP, build_hf, mlp_input, peft_road, token_batch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from peft import get_peft_model_state_dict
+from peft.tuners.road.layer import _get_delta_weight
 from torch import nn
 
 import fx_adapters as fxa
 from fx_adapters.graph.match import Target
 from fx_adapters.road.fold import Fold, RotateWeights
-from fx_adapters.road.rotation import param_size, road_columns, rotate
+from fx_adapters.road.rotation import param_size, road_columns
 
 ATOL = 1e-5
 ARCHS = ["mlp", "mlp_no_bias", "llama", "qwen2", "gpt2"]
@@ -339,12 +340,17 @@ def test_half_precision_weights_are_folded_in_fp32_and_stored_in_their_dtype(dty
     am = fxa.compile_with_road(model, fxa.RoadConfig(variant="road_2", group_size=4, target_modules=["lin0"],
                                                      init_weights=False))
     folded = am.fold()
-    cols = am.graph_module.road_adapters.lin0.columns("default").detach()
-    assert cols.dtype == torch.float32
-    expected_weight = rotate(model.lin0.weight.float().t(), cols, 4).t().to(dtype)
-    expected_bias = rotate(model.lin0.bias.float(), cols, 4).to(dtype)
-    assert folded.lin0.weight.dtype == dtype
-    assert torch.equal(folded.lin0.weight, expected_weight) and torch.equal(folded.lin0.bias, expected_bias)
+    params = am.adapter_parameters("default")
+    rotation = _get_delta_weight("road_2", 4, params["lin0", "road_theta"].detach(),  # PEFT's dense R, fp32
+                                 params["lin0", "road_alpha"].detach())
+    assert rotation.dtype == torch.float32
+    expected_weight = rotation @ model.lin0.weight.float()
+    expected_bias = rotation @ model.lin0.bias.float()
+    assert folded.lin0.weight.dtype == folded.lin0.bias.dtype == dtype
+    within_rounding = dict(rtol=torch.finfo(dtype).eps / 2 * 1.01, atol=0)  # one rounding to dtype, no more
+    torch.testing.assert_close(folded.lin0.weight.float(), expected_weight, **within_rounding)
+    torch.testing.assert_close(folded.lin0.bias.float(), expected_bias, **within_rounding)
+    assert not torch.equal(folded.lin0.weight, model.lin0.weight)
 
 
 # ----------------------------------------------------------------------------------------------- unfold

@@ -149,8 +149,11 @@ def test_disabled_xlora_generates_the_base_model(xlora):
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def road(request, tmp_path_factory):
-    """PEFT's RoAd model with adapters "default" and "second"; ours loads them as "first" and "second"."""
-    model = build_hf(request.param)
+    """PEFT's RoAd model with adapters "default" and "second"; ours loads them as "first" and "second".
+
+    Initialized at 10× the default scale: the default tiny model attends almost uniformly, so its greedy tokens did
+    not depend on the decode positions (a decode at position 0 gave PEFT's tokens)."""
+    model = build_hf(request.param, initializer_range=0.2)
     torch.manual_seed(1)
     peft_model = peft_road(model, variant="road_2", group_size=8, init_weights=False, target_modules="all-linear")
     peft_model.add_adapter("second", PeftRoadConfig(variant="road_4", group_size=4, init_weights=False,
@@ -246,6 +249,7 @@ def test_road_mixed_batch_beams_keep_each_prompt_adapter_as_peft_row_by_row(road
 def test_greedy_road_tokens_equal_peft(road):
     ids, mask = padded_batch()
     expected = peft_generate(road.peft, ids, mask)
+    assert not torch.equal(expected, peft_generate(road.model, ids, mask))  # the adapter changes the tokens
     assert torch.equal(road.ours.generate(ids, max_new_tokens=NEW, attention_mask=mask), expected)
 
 
@@ -323,10 +327,21 @@ def greedy_without_cache(module, ids, new, **kwargs):
 @pytest.mark.parametrize("arch", ["gpt2", "opt", "mistral"])
 def test_generate_on_other_architectures_equals_greedy_without_cache(arch):
     """GPT-2 (Conv1D, learned positions), OPT (batch-folding MLP) and Mistral: the cached graphs give the tokens of
-    re-running the compiled forward, whose equivalence with PEFT / eager math the other tests establish."""
+    re-running the compiled forward, whose equivalence with PEFT / eager math the other tests establish.
+
+    These tiny models repeat one token whatever a mild adapter does, so the rotations are strong (θ in ±π, α in
+    [0.5, 3.5]) and the adapted row is checked to generate other, varying tokens than the base row of the same prompt.
+    """
     am = fxa.compile_with_road(build_hf(arch), fxa.RoadConfig(group_size=8, target_modules="all-linear",
                                                               init_weights=False)).eval()
-    ids, _ = token_batch(2, 5)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for (_, kind), param in am.adapter_parameters("default").items():
+            draw = torch.rand(param.shape, generator=g)
+            param.copy_((2 * draw - 1) * torch.pi if kind == "road_theta" else 0.5 + 3 * draw)
+    ids = token_batch(1, 5)[0].repeat(2, 1)
     names = ["default", "__base__"]
     expected = greedy_without_cache(am, ids, 8, adapter_names=names)
+    adapted, base = expected[:, 5:]
+    assert not torch.equal(adapted, base) and len(adapted.unique()) > 1
     assert torch.equal(am.generate(ids, max_new_tokens=8, adapter_names=names, eos_token_id=[]), expected)

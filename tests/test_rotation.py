@@ -62,15 +62,19 @@ def test_columns_describe_peft_dense_matrix(variant, shape, seed):
 
 
 @given(variants, layer_shapes, st.integers(0, 1000))
-def test_in_place_fresh_and_differentiable_paths_agree(variant, shape, seed):
+def test_in_place_fresh_and_differentiable_paths_equal_peft_apply_road(variant, shape, seed):
+    """``out=y`` (rotated in place, as the graph op does), ``out`` a fresh tensor, ``out=None`` and autograd."""
     group_size, out = shape
-    cols = road_columns(variant, group_size, *random_params(variant, out, seed))
-    y = torch.randn(4, out)
-    fresh = rotate(y, cols, group_size, out=torch.empty_like(y))
-    in_place = rotate(y.clone(), cols, group_size, out=None)
-    differentiable = rotate(y.clone().requires_grad_(), cols, group_size)
-    torch.testing.assert_close(fresh, in_place, atol=0, rtol=0)
-    torch.testing.assert_close(differentiable.detach(), fresh, atol=1e-6, rtol=1e-6)
+    theta, alpha = random_params(variant, out, seed)
+    cols = road_columns(variant, group_size, theta, alpha)
+    y = torch.randn(4, out, generator=torch.Generator().manual_seed(seed))
+    expected = _apply_road(variant, group_size, theta, alpha, y)
+    buffer = y.clone()
+    assert rotate(buffer, cols, group_size, out=buffer) is buffer  # written into y itself
+    fresh = torch.empty_like(y)
+    assert rotate(y, cols, group_size, out=fresh) is fresh
+    for got in (buffer, fresh, rotate(y, cols, group_size), rotate(y.clone().requires_grad_(), cols, group_size)):
+        torch.testing.assert_close(got.detach(), expected, atol=1e-6, rtol=1e-6)
 
 
 @given(variants, variants, layer_shapes, st.integers(0, 1000))

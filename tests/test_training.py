@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MLP, build_hf, eager_road_forward, mlp_input, peft_road, road_params_of, token_batch
+from conftest import (
+    MLP,
+    assert_close_relative,
+    build_hf,
+    eager_road_forward,
+    mlp_input,
+    peft_road,
+    road_params_of,
+    token_batch,
+)
 
 import fx_adapters as fxa
 
@@ -53,8 +62,8 @@ def test_gradients_equal_peft_gradients(llama):
                       for n, p in peft_model.named_parameters() if p.requires_grad}
         for target in am.adapter_targets("default"):
             for param in ("road_theta", "road_alpha"):
-                torch.testing.assert_close(am.adapter_parameters("default")[target.name, param].grad,
-                                           peft_grads[f"{target.name}.{param}"], atol=1e-6, rtol=1e-4)
+                assert_close_relative(am.adapter_parameters("default")[target.name, param].grad,
+                                      peft_grads[f"{target.name}.{param}"])
     finally:
         am.zero_grad(set_to_none=True)
         peft_model.zero_grad(set_to_none=True)

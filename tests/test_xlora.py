@@ -5,16 +5,19 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+import re
 
 import pytest
 import torch
-from conftest import build_hf, token_batch
+from conftest import assert_close_relative, build_hf, token_batch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from xlora_helpers import logits, peft_classifier_state, peft_xlora, save_experts
 
 import fx_adapters as fxa
 from fx_adapters.graph.capture import capture
+from fx_adapters.graph.match import layer_key
+from fx_adapters.xlora.passes import EXPERTS_ATTR
 
 ATOL = 1e-5
 pytestmark = pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`:UserWarning",
@@ -310,12 +313,45 @@ def test_training_steps_lower_the_loss_and_keep_the_experts_bit_identical(setup)
     assert all(torch.equal(now[k], v) for k, v in frozen.items())
 
 
-def test_trainable_adapters_get_gradients(setup):
-    xm = build(setup, use_trainable_adapters=True)
-    xm(input_ids=token_batch(2, 5)[0]).logits.sum().backward()
-    experts = [p for n, p in xm.named_parameters() if ".lora_" in n]
-    assert experts and all(p.requires_grad and p.grad is not None for p in experts)
-    assert any(p.grad.abs().sum() > 0 for p in experts)
+PEFT_EXPERT_PARAM = re.compile(r"^base_model\.lora_model\.model\.(.+)\.lora_(?:embedding_)?([AB])\.(\d+)(?:\.weight)?$")
+
+
+@pytest.mark.parametrize("scaling_pass_value", [0.0, 0.3], ids=["scaling-pass-without-experts", "scaling-pass-0.3"])
+def test_training_outputs_and_every_gradient_equal_peft_under_one_seed(setup, scaling_pass_value):
+    """Trainable experts, expert dropout (e1: 0.1) and classifier dropout 0.2 in training mode: one seed draws
+    PEFT's masks (its scaling pass draws some too), and no gradient flows through the scaling pass."""
+    model, _, dirs = setup
+    config = dict(xlora_depth=2, xlora_size=16, xlora_dropout_p=0.2, use_trainable_adapters=True,
+                  scaling_pass_value=scaling_pass_value)
+    peft_model = peft_xlora(model, dirs, **config).train()
+    xm = build(setup, **config).train()
+    xm.classifier.load_state_dict(peft_classifier_state(peft_model))
+    ids, mask = token_batch(2, 6, left_pad=2)
+    outputs = []
+    for module in (peft_model, xm):
+        torch.manual_seed(3)
+        outputs.append(module(input_ids=ids, attention_mask=mask).logits)
+        outputs[-1].square().mean().backward()
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=0)
+    with torch.no_grad():  # dropout is drawn: the same seed in eval mode gives another output
+        assert not torch.allclose(xm.eval()(input_ids=ids, attention_mask=mask).logits, outputs[1], atol=1e-3)
+    peft_classifier = {k.split("internal_xlora_classifier.")[1]: p.grad for k, p in peft_model.named_parameters()
+                       if "internal_xlora_classifier." in k}
+    for name, param in xm.classifier.named_parameters():
+        assert_close_relative(param.grad, peft_classifier[name])
+    stacked = getattr(xm.graph_module, EXPERTS_ATTR)
+    compared = 0
+    for name, param in peft_model.named_parameters():
+        if (match := PEFT_EXPERT_PARAM.match(name)) is None:
+            continue
+        path, ab, index = match.group(1), match.group(2), int(match.group(3))
+        experts = stacked[layer_key(path)]  # lora_A (E, r, in), lora_B (out, E, r): expert `index`, its rank
+        if ab == "A":
+            assert_close_relative(experts.lora_A.grad[index, :param.shape[0]], param.grad)
+        else:
+            assert_close_relative(experts.lora_B.grad[:, index, :param.shape[1]], param.grad)
+        compared += 1
+    assert compared == 2 * (4 + 6 + 7)  # A and B of every (expert, layer) pair of EXPERT_SPECS on two layers
 
 
 def test_expert_dropout_applies_only_in_training(setup):

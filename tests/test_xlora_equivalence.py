@@ -11,12 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, build_hf, token_batch
+from conftest import VOCAB, build_hf, examples, token_batch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracles import Oracle
 from peft import get_peft_model_state_dict
-from xlora_helpers import eager_xlora, logits, lora_expert, peft_classifier_state, peft_xlora, save_experts
+from xlora_helpers import (
+    eager_xlora,
+    logits,
+    lora_expert,
+    peft_classifier_state,
+    peft_xlora,
+    random_classifier_state,
+    save_experts,
+)
 
 import fx_adapters as fxa
 from fx_adapters.graph.capture import capture
@@ -106,7 +114,7 @@ def llama():
     return model, capture(model)
 
 
-@settings(max_examples=8)  # each example saves up to 4 PEFT experts and builds two X-LoRA models: ~0.5 s
+@settings(max_examples=examples(8))  # each example saves up to 4 PEFT experts and builds two X-LoRA models: ~0.5 s
 @given(experts=st.lists(st.tuples(st.integers(1, 8), st.sets(st.sampled_from(MODULES), min_size=1),
                                   st.booleans(), st.integers(1, 16)), min_size=1, max_size=4),
        layerwise=st.booleans(), top_k=st.integers(0, 4), scaling_pass_value=st.sampled_from([0.0, 0.25]),
@@ -133,16 +141,20 @@ def test_random_experts_match_peft_and_disable_to_the_base_model(llama, experts,
 
 
 def assert_eager_oracle_matches(model, xm, dirs, ids):
-    """``xm`` computes ``eager_xlora``'s logits and scalings, which are not the base model's."""
+    """``xm``, given a random classifier, computes ``eager_xlora``'s logits and scalings, which are not the base
+    model's."""
+    state = random_classifier_state(model.config.get_text_config().hidden_size, len(dirs))
+    xm.classifier.load_state_dict(state)
     runs = []  # the oracle's (logits, scalings): run once, as it is slow on a quantized model
 
     def eager(input_ids):
-        runs.append(eager_xlora(model, xm, dirs, input_ids))
+        runs.append(eager_xlora(model, state, dirs, input_ids))
         return runs[-1][0]
 
     assert_equivalent(xm, Oracle(eager), {"input_ids": ids}, atol=ATOL, rtol=0)
     expected, scalings = runs[-1]
     assert not torch.allclose(expected, logits(model, ids), atol=1e-3)
+    assert not torch.allclose(scalings, torch.full_like(scalings, 1 / len(dirs)), atol=0.05)  # the classifier routes
     torch.testing.assert_close(xm.get_latest_scalings(), scalings, atol=ATOL, rtol=0)
 
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-# Three experts targeting different layers (one the embedding), with different ranks, rsLoRA, alpha_pattern, dropout.
+# Three experts targeting different layers (one the embedding), with different ranks, rsLoRA, alpha_pattern, and
+# dropouts that differ on every layer two experts share (a p given to the wrong expert changes the masks).
 EXPERT_SPECS = (
-    dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    dict(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["q_proj", "v_proj"]),
     dict(r=8, lora_alpha=16, use_rslora=True, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"]),
     dict(r=2, lora_alpha=4, target_modules=["embed_tokens", "k_proj", "o_proj", "down_proj"],
          alpha_pattern={"down_proj": 3}),
@@ -60,12 +61,22 @@ def logits(module, ids, mask=None):
         return module(input_ids=ids, attention_mask=mask).logits
 
 
-def eager_xlora(model, xm, dirs, ids):
-    """Oracle for layers PEFT's X-LoRA cannot run: the model with forward hooks adding, per expert, PEFT's
-    B(A(x · s)) · scaling, with ``xm``'s scalings (scaling_pass_value 0, so the scaling pass is the base model)."""
+def random_classifier_state(hidden_size: int, n_experts: int, seed: int = 7) -> dict[str, torch.Tensor]:
+    """A depth-1 classifier's weights (PEFT's keys without the prefix), large enough that the scalings vary."""
+    g = torch.Generator().manual_seed(seed)
+    return {"layers.0.weight": torch.randn(n_experts, hidden_size, generator=g),
+            "layers.0.bias": torch.randn(n_experts, generator=g)}
+
+
+def eager_xlora(model, classifier_state, dirs, ids):
+    """Oracle for layers PEFT's X-LoRA cannot run, from the experts' files and the classifier's weights only: the
+    model with forward hooks adding, per expert, PEFT's B(A(x · s)) · scaling, where s = softmax(W h + b) of the
+    base model's last hidden state h (a depth-1 classifier, scaling_pass_value 0: the scaling pass is the base
+    model). Returns the logits and the scalings ``(batch, seq, adapted layers, experts)``."""
+    weight, bias = classifier_state["layers.0.weight"], classifier_state["layers.0.bias"]
     with torch.no_grad():
         hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
-        scalings = xm.classifier(hidden)
+        s = torch.softmax(hidden.float() @ weight.T + bias, dim=-1)
         experts = []
         for d in dirs:
             alpha = json.loads((d / "adapter_config.json").read_text())["lora_alpha"]
@@ -74,18 +85,17 @@ def eager_xlora(model, xm, dirs, ids):
                             (v, weights[k.replace("lora_A", "lora_B")], alpha / v.shape[0])
                             for k, v in weights.items() if k.endswith("lora_A.weight")})
         modules = dict(model.named_modules())
+        adapted = [name for name in modules if any(name in expert for expert in experts)]  # in module order
         handles = []
-        for index, target in enumerate(xm.targets):
-            def hook(_module, inputs, out, index=index, path=target.name):
-                s = scalings[..., index, :]
+        for path in adapted:
+            def hook(_module, inputs, out, path=path):
                 x = inputs[0].reshape(*s.shape[:-1], -1)
                 delta = sum(((x * s[..., e, None]) @ a.T @ b.T) * scale
                             for e, expert in enumerate(experts) if path in expert for a, b, scale in [expert[path]])
                 return out + delta.reshape(out.shape)
-            handles.append(modules[target.name].register_forward_hook(hook))
+            handles.append(modules[path].register_forward_hook(hook))
         try:
-            return model(input_ids=ids).logits, scalings
+            return model(input_ids=ids).logits, s[..., None, :].expand(*s.shape[:-1], len(adapted), len(experts))
         finally:
             for handle in handles:
                 handle.remove()
-

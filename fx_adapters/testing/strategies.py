@@ -59,17 +59,21 @@ def adapter_assignments(names: Sequence[str], batch_size: int, *, base: bool = T
 
 @st.composite
 def token_batches(draw, vocab_size: int, *, max_batch: int = 4, min_seq: int = 1, max_seq: int = 16,
-                  padding: Sequence[str] = ("none", "left", "right")) -> dict[str, torch.Tensor]:
-    """``{"input_ids", "attention_mask"}`` with random tokens and optional left or right padding."""
+                  padding: Sequence[str] = ("none", "left", "right"), min_attended: int = 1) -> dict[str, torch.Tensor]:
+    """``{"input_ids", "attention_mask"}`` with random tokens and optional left or right padding; every row keeps
+    at least ``min_attended`` unpadded tokens (2 or more where one token would hide an adapter: attention over a
+    single token ignores its query)."""
+    if not 1 <= min_attended <= min_seq:
+        raise ValueError(f"token_batches: min_attended must be in [1, min_seq={min_seq}], got {min_attended}")
     batch = draw(st.integers(1, max_batch))
     seq = draw(st.integers(min_seq, max_seq))
     seed = draw(st.integers(0, 2**16))
     ids = torch.randint(0, vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
     mask = torch.ones_like(ids)
     side = draw(st.sampled_from(list(padding)))
-    if side != "none" and seq > 1:
+    if side != "none" and seq > min_attended:
         for row in range(batch):
-            pad = draw(st.integers(0, seq - 1))
+            pad = draw(st.integers(0, seq - min_attended))
             if side == "left":
                 mask[row, :pad] = 0
             else:

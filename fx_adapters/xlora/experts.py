@@ -134,6 +134,7 @@ def stack_experts(experts: Sequence[LoraExpert], targets: Sequence[Target], dtyp
                 b[:, i, :rank] = lora_b
                 scale[i] = expert.config.scaling(target.name, rank)
         embedding = target.kind == "embedding"  # PEFT applies no dropout to embedding LoRA
-        dropout = [0.0 if embedding else e.config.lora_dropout for e in experts]
+        # nor draws a mask for an expert that does not adapt the layer
+        dropout = [e.config.lora_dropout if rank and not embedding else 0.0 for e, rank in zip(experts, ranks)]
         stacked[target] = XLoraExperts(a, b, scale, dropout, trainable, embedding)
     return stacked

@@ -101,6 +101,8 @@ class XLoraExperts(nn.Module):
     def forward(self, y: torch.Tensor, x: torch.Tensor, weights: torch.Tensor | None,
                 global_weight: float) -> torch.Tensor:
         if weights is None:
+            if self.training and any(self.dropout):  # PEFT's scaling pass draws its dropout masks: keep the RNG in step
+                self._dropout_each(x.to(self.lora_A.dtype))
             return y
         a, b = self.lora_A, self.lora_B
         if self.embedding:
@@ -116,8 +118,8 @@ class XLoraExperts(nn.Module):
         return (y + delta.reshape(y.shape)).to(y.dtype)
 
     def _dropout_each(self, x: torch.Tensor) -> torch.Tensor:
-        """``(..., in)`` → ``(..., E, in)``: an independent dropout mask per expert, with each expert's p."""
-        keep = 1 - torch.tensor(self.dropout, dtype=x.dtype, device=x.device)
-        stacked = x.unsqueeze(-2).expand(*x.shape[:-1], keep.numel(), x.shape[-1])
-        mask = torch.rand_like(stacked) < keep[:, None]
-        return stacked * mask * torch.where(keep > 0, 1 / keep, 0.0)[:, None]
+        """``(..., in)`` → ``(..., E, in)``: each expert's dropout of ``x``, its masks drawn as PEFT draws them —
+        ``F.dropout`` on the expert's input, expert after expert, none for p = 0 — so one seed gives PEFT's masks."""
+        ones = torch.ones_like(x)
+        masks = [F.dropout(ones, p, training=True) if p else ones for p in self.dropout]
+        return x.unsqueeze(-2) * torch.stack(masks, dim=-2)
