@@ -3,7 +3,8 @@
 A command module (any module here whose name does not start with ``_``) has a docstring (its help text), a
 ``HELP`` line for the command list, ``add_arguments(parser)`` and ``run(args, ui) -> int``; it is found by
 name, so adding a command is adding a file. Exit status: 0 success, 1 a comparison failed, 2 bad input
-(``CLIError``, ``OSError`` or a missing optional dependency: one line on stderr), 3 an unexpected error (one line too; ``--debug``: traceback).
+(``CLIError``, ``OSError`` or a missing optional dependency: one line on stderr), 3 an unexpected error (one
+line too; ``--debug``: traceback).
 """
 
 from __future__ import annotations
