@@ -30,6 +30,7 @@ from ..graph.passes import run_passes
 from ..graph.torch_compile import CompileMixin
 from . import checkpoint
 from .config import BASE, RoadConfig
+from .draw import draw_layer
 from .fold import Fold
 from .generation import generate_road
 from .merge import MergeState, folded_adapters, saved_copies
@@ -225,6 +226,10 @@ class AdaptedModule(CompileMixin, nn.Module):
         """Generate with a KV cache (``adapter_names``: one adapter or ``"__base__"`` per row); see
         ``fx_adapters.graph.generation``."""
         return generate_road(self, input_ids, adapter_names, **kwargs)
+
+    def draw(self, path: str | Path, layer: str | None = None) -> Path:
+        """``layer``'s neighbourhood before and after the rewrite, drawn at ``path``: see ``road/draw.py``."""
+        return draw_layer(self.graph_module, self.targets, path, layer)
 
     # ------------------------------------------------------------------ merge and fold
     @property
