@@ -147,3 +147,71 @@ def test_xlora_plot_without_matplotlib_names_the_extra_exits_2_and_writes_nothin
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(MissingDependency, match=r"fx-adapters\[plot\]"):
         fxa.xlora.plot_scalings(None)
+
+
+# ------------------------------------------------------------------------------------------ benchmark curves
+
+CURVES = {  # measurements as curves.py returns them (the numbers here are inputs: the test checks they are drawn)
+    "adapters": {"adapters": [1, 4, 16, 64], "peft": [1.21, 1.35, 1.9, 1.95], "ours": [1.04, 1.06, 1.07, 1.08],
+                 "distinct_in_batch": [1, 4, 16, 16], "batch": 16, "seq": 64, "model": "random Llama (tiny)"},
+    "generate": {"new_tokens": [2, 4, 8], "base": [300.0, 310.0, 320.0], "peft": [40.0, 25.0, 14.0],
+                 "ours": [240.0, 250.0, 252.0], "ours_prompt": [None, None, None], "batch": 8, "prompt": 64,
+                 "experts": 8, "model": "random Llama (tiny)", "prompt_mode": False},
+}
+
+
+def lines(figure) -> dict[str, tuple[list, list]]:
+    """Legend label -> (x, y) of each line drawn."""
+    (ax,) = figure.axes
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+
+
+def test_adapters_curve_draws_the_measured_ratios_for_both_sides():
+    from benchmarks import plot
+
+    drawn = lines(plot.adapters_figure(CURVES["adapters"]))
+    data = CURVES["adapters"]
+    assert drawn["PEFT 0.21 (loops over the batch's adapters)"] == (data["adapters"], data["peft"])
+    assert drawn["fx_adapters (one gather)"] == (data["adapters"], data["ours"])
+    (ax,) = plot.adapters_figure(data).axes
+    assert ax.get_xlabel() == "RoAd adapters loaded (log scale)" and "÷ base" in ax.get_ylabel()
+
+
+def test_generate_curves_draw_tokens_per_second_and_say_when_prompt_mode_is_missing():
+    from benchmarks import plot
+
+    data = CURVES["generate"]
+    drawn = lines(plot.generate_figure(data))
+    assert drawn["PEFT 0.21 (no KV cache: quadratic)"] == (data["new_tokens"], data["peft"])
+    assert drawn["fx_adapters (both passes cached: linear)"] == (data["new_tokens"], data["ours"])
+    decode = plot.decode_figure(data)
+    assert set(lines(decode)) == {"exact (scalings of every position)", "base model's generate (no adapters)"}
+    assert "prompt-scalings decode: not in this build" in decode.axes[0].texts[0].get_text()
+    with_prompt = {**data, "prompt_mode": True, "ours_prompt": [260.0, 300.0, 330.0]}
+    assert lines(plot.decode_figure(with_prompt))["prompt scalings reused while decoding"] == (
+        data["new_tokens"], with_prompt["ours_prompt"])
+
+
+def test_write_puts_small_pngs_and_the_measurements_in_the_directory(tmp_path):
+    import json
+
+    from benchmarks import plot
+
+    written = plot.write(CURVES, tmp_path / "curves")
+    assert json.loads((tmp_path / "curves" / "curves.json").read_text()) == CURVES
+    assert sorted(p.name for p in written[1:]) == sorted(plot.FILES.values())
+    for path in written[1:]:
+        assert_sensible_png(path, max_bytes=120_000)
+
+
+def test_benchmarks_plot_without_matplotlib_names_the_extra_exits_2_and_measures_nothing(tmp_path, monkeypatch,
+                                                                                         capsys):
+    from benchmarks.__main__ import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--quick", "--plot", str(tmp_path / "curves")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("python -m benchmarks: error: --plot needs matplotlib, an optional "
+                                              'dependency: pip install "fx-adapters[plot]"')
+    assert list(tmp_path.iterdir()) == []
