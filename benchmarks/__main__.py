@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         if row.timings:
             print(f"  {name}: {row.timings.summary()}")
     if args.plot:
-        _curves(settings, "quick" if args.quick else "full", Path(args.plot), info)
+        command = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
+        _curves(settings, "quick" if args.quick else "full", Path(args.plot), {**info, "command": command})
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "rows": {n: r.as_json() for n, r in rows.items()}}, f, indent=2)

@@ -92,7 +92,7 @@ def footnote(curves: dict) -> str:
     """When, where and how it was measured (from ``curves["machine"]``)."""
     info = curves.get("machine", {})
     return (f"{info.get('date', '?')[:10]}, {info.get('cpu', '?')}, {info.get('threads', '?')} threads, torch "
-            f"{info.get('torch', '?')}; {curves.get('mode', '?')} run, medians; python -m benchmarks --plot DIR")
+            f"{info.get('torch', '?')}; medians; {info.get('command', 'python -m benchmarks --plot DIR')}")
 
 
 if __name__ == "__main__":
