@@ -37,7 +37,7 @@ def adapters_curve(s: Settings, mode: str) -> dict:
     ours = fxa.compile_with_road(base, fxa.RoadConfig(**m.ROAD), adapter_name="a0").eval()
     peft = get_peft_model(copy.deepcopy(base), PeftRoadConfig(**m.ROAD), adapter_name="a0").eval()
     names: list[str] = []
-    points = {"adapters": [], "peft": [], "ours": [], "distinct_in_batch": []}
+    points = {"adapters": [], "peft": [], "ours": [], "distinct_in_batch": [], "timings": []}
     for count in ADAPTER_COUNTS[mode]:
         while len(names) < count:
             name = f"a{len(names)}"
@@ -54,6 +54,7 @@ def adapters_curve(s: Settings, mode: str) -> dict:
         t = s.time(calls)
         points["adapters"].append(count)
         points["distinct_in_batch"].append(len(set(batch_names)))
+        points["timings"].append(t.summary())
         for name in ("peft", "ours"):
             points[name].append(round(t.ratio(name), 4))
     return {**points, "batch": m.BATCH, "seq": m.SEQ, "model": MODEL}
@@ -73,7 +74,7 @@ def generate_curve(s: Settings, mode: str) -> dict:
     peft, ours = m.xlora_contenders()
     batch = m.xlora_inputs()
     prompt_mode = accepts_decode_scalings(ours)
-    points = {"new_tokens": [], "base": [], "peft": [], "ours": [], "ours_prompt": []}
+    points = {"new_tokens": [], "base": [], "peft": [], "ours": [], "ours_prompt": [], "timings": []}
     for new in NEW_TOKENS[mode]:
         options = dict(max_new_tokens=new, do_sample=False)
         calls = {"base": lambda o=options: m.base_model().generate(**batch, **o),
@@ -89,6 +90,7 @@ def generate_curve(s: Settings, mode: str) -> dict:
             raise AssertionError(f"X-LoRA generate, {new} new tokens: fx_adapters and PEFT chose different tokens")
         t = s.time(calls, s.generate_repeats, warmup=0)
         points["new_tokens"].append(new)
+        points["timings"].append(t.summary())
         for name in ("base", "peft", "ours", "ours_prompt"):
             points[name].append(round(new * m.XLORA_BATCH / t.median(name), 1) if name in calls else None)
     return {**points, "batch": m.XLORA_BATCH, "prompt": m.SEQ, "experts": m.XLORA_EXPERTS, "model": MODEL,

@@ -91,8 +91,11 @@ def write(curves: dict, directory: Path) -> list[Path]:
 def footnote(curves: dict) -> str:
     """When, where and how it was measured (from ``curves["machine"]``)."""
     info = curves.get("machine", {})
+    summaries = [line for name in ("adapters", "generate") for line in curves.get(name, {}).get("timings", [])]
+    busy = sum(line.startswith("UNRELIABLE") for line in summaries)
+    load = f"; {busy} of {len(summaries)} points UNRELIABLE (machine busy)" if busy else ""
     return (f"{info.get('date', '?')[:10]}, {info.get('cpu', '?')}, {info.get('threads', '?')} threads, torch "
-            f"{info.get('torch', '?')}; medians; {info.get('command', 'python -m benchmarks --plot DIR')}")
+            f"{info.get('torch', '?')}; medians; {info.get('command', 'python -m benchmarks --plot DIR')}{load}")
 
 
 if __name__ == "__main__":
