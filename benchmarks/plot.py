@@ -58,8 +58,8 @@ def decode_figure(data: dict):
         ax.plot(data["new_tokens"], data["ours_prompt"], "s-", color=OURS_PROMPT,
                 label="prompt scalings reused while decoding")
     else:
-        ax.text(0.5, 0.5, "prompt-scalings decode: not in this build\n(xm.generate has no decode_scalings)",
-                transform=ax.transAxes, ha="center", va="center", fontsize=9, color=BASE)
+        ax.text(0.98, 0.04, "prompt-scalings decode: not in this build\n(xm.generate has no decode_scalings)",
+                transform=ax.transAxes, ha="right", va="bottom", fontsize=8, color=BASE)
     ax.plot(data["new_tokens"], data["base"], "o:", color=BASE, label="base model's generate (no adapters)")
     _tokens_axes(ax, data)
     ax.set_ylim(bottom=0)
@@ -84,6 +84,7 @@ def write(curves: dict, directory: Path) -> list[Path]:
     figures = {"adapters": adapters_figure(curves["adapters"]), "generate": generate_figure(curves["generate"]),
                "decode": decode_figure(curves["generate"])}
     for figure in figures.values():
+        figure.get_layout_engine().set(rect=(0, 0.03, 1, 0.97))  # room for the footnote
         figure.text(0.99, 0.005, footnote(curves), ha="right", va="bottom", fontsize=6, color=BASE)
     return [directory / "curves.json", *(save_figure(fig, directory / FILES[key]) for key, fig in figures.items())]
 
