@@ -134,3 +134,15 @@ def test_inspect_graph_without_its_dependency_says_what_to_install_exits_2_and_w
     err = capsys.readouterr().err
     assert err.startswith(f"fx-adapters: error: --graph {message}") and err.count("\n") == 1  # one line
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--layer", "lm_head"], "--layer names the layer --graph draws; pass --graph FILE.svg too"),
+    (["--graph", "g.gif"], "--graph: cannot tell the format of 'g.gif'; name the file with one of the suffixes "
+                           ".svg, .png, .pdf, .dot"),
+])
+def test_inspect_graph_options_that_cannot_work_are_bad_input(model_dir, tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["inspect", str(model_dir), *argv, "--quiet"]) == 2
+    assert capsys.readouterr().err == f"fx-adapters: error: {message}\n"
+    assert list(tmp_path.iterdir()) == []

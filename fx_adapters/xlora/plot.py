@@ -18,6 +18,8 @@ from ..figures import FIGURE_SUFFIXES, check_path, new_figure, require_matplotli
 from ..graph import generation
 
 MAX_COLUMNS = 4  # small multiples per row
+MAX_HEIGHT = 14.0  # inches of heatmaps, whatever the prompt's length
+MAX_TOKEN_LABELS = 48  # per heatmap; a longer prompt labels every few tokens
 
 
 def plot_scalings(xm, tokens: Sequence[object] | None = None, path: str | Path | None = None, *,
@@ -78,7 +80,7 @@ def _heatmaps(panels: list[tuple[str, torch.Tensor]], tokens: list[str], experts
     """One heatmap (tokens × experts) per panel, on one colour scale, with one colour bar."""
     columns = min(len(panels), MAX_COLUMNS)
     rows = math.ceil(len(panels) / columns)
-    cell_w, cell_h = 0.45 + 0.06 * max(map(len, experts)), 0.26
+    cell_w, cell_h = 0.45 + 0.06 * max(map(len, experts)), min(0.26, MAX_HEIGHT / rows / len(tokens))
     width = max(5.0, columns * (1.6 + cell_w * len(experts)) + 1.2)
     height = max(3.0, rows * (1.0 + cell_h * len(tokens)) + 0.8)
     figure = new_figure(width, height)
@@ -90,7 +92,8 @@ def _heatmaps(panels: list[tuple[str, torch.Tensor]], tokens: list[str], experts
         image = ax.imshow(data.numpy(), cmap="viridis", vmin=low, vmax=high, aspect="auto", interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.set_xticks(range(len(experts)), experts, rotation=30 if max(map(len, experts)) > 6 else 0, fontsize=8)
-        ax.set_yticks(range(len(tokens)), tokens, fontsize=8)
+        every = math.ceil(len(tokens) / MAX_TOKEN_LABELS)  # long prompts: every few tokens labelled
+        ax.set_yticks(range(0, len(tokens), every), tokens[::every], fontsize=8)
         ax.set_xlabel("expert")
     for ax in axes[:, 0]:
         ax.set_ylabel("token")
