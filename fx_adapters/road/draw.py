@@ -45,6 +45,13 @@ def draw_layer(graph_module: torch.fx.GraphModule, targets: Sequence[Target], pa
     return render(views, path, title or f"RoAd on {name}: before and after the rewrite", "draw")
 
 
+def draw_adapted(am, path: str | Path, layer: str | None = None) -> Path:
+    """Draw ``layer`` (a module path of ``am.targets``; default: the first) before and after the rewrite, side by
+    side, at ``path``: ``.svg``, ``.png`` or ``.pdf`` (graphviz's ``dot`` program needed) or ``.dot``; returns the
+    path. Needs pydot (``pip install "fx-adapters[graph]"``); changes nothing in ``am``."""
+    return draw_layer(am.graph_module, am.targets, path, layer)
+
+
 def _target(targets: Sequence[Target], layer: str | None, where: str) -> Target:
     if not targets:
         raise ValueError(f"{where}: no layer carries an adapter; add one first")

@@ -30,7 +30,7 @@ from ..graph.passes import run_passes
 from ..graph.torch_compile import CompileMixin
 from . import checkpoint
 from .config import BASE, RoadConfig
-from .draw import draw_layer
+from .draw import draw_adapted
 from .fold import Fold
 from .generation import generate_road
 from .merge import MergeState, folded_adapters, saved_copies
@@ -227,9 +227,7 @@ class AdaptedModule(CompileMixin, nn.Module):
         ``fx_adapters.graph.generation``."""
         return generate_road(self, input_ids, adapter_names, **kwargs)
 
-    def draw(self, path: str | Path, layer: str | None = None) -> Path:
-        """``layer``'s neighbourhood before and after the rewrite, drawn at ``path``: see ``road/draw.py``."""
-        return draw_layer(self.graph_module, self.targets, path, layer)
+    draw = draw_adapted  # am.draw(path, layer=None): the layer before and after the rewrite (road/draw.py)
 
     # ------------------------------------------------------------------ merge and fold
     @property
