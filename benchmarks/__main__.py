@@ -1,14 +1,18 @@
-"""``python -m benchmarks [--quick] [--json PATH] [--only ROW ...] [--compile] [--threads N]``
+"""``python -m benchmarks [--quick] [--json PATH] [--only ROW ...] [--compile] [--threads N] [--plot DIR]``
 
 Issue 7's table: PEFT and fx_adapters on the same random Llama (hidden 512, 4 layers, all 7 projections,
 RoAd group_size 64, batch 16 × seq 64, 2 threads), timed interleaved in one process. Each figure is a
 median ÷ the base model's median from the same run, over the repetitions during which the machine was
 quiet (see ``benchmarks/timing.py``); the lines under the table say how many that was.
+
+``--plot DIR`` measures the curves instead (``benchmarks/curves.py``; with ``--only``, after those rows) and draws
+them into DIR (``benchmarks/plot.py``; needs matplotlib: pip install "fx-adapters[plot]").
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import logging
@@ -17,6 +21,7 @@ import platform
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -62,13 +67,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=list(ROWS), metavar="ROW", help=f"rows to run: {', '.join(ROWS)}")
     parser.add_argument("--compile", action="store_true", help="add the torch.compile row (slow to compile)")
     parser.add_argument("--threads", type=int, default=THREADS, help=f"torch threads (issue 7: {THREADS})")
+    parser.add_argument("--repeats", type=int, metavar="N", help="timed repetitions per figure / point (default: 25, "
+                        "--quick 4; generate at most 5), busy ones not repeated")
+    parser.add_argument("--plot", metavar="DIR", help="measure the curves and write them as PNGs (and curves.json) "
+                        'into DIR instead of the table (with --only: after those rows); needs matplotlib: '
+                        'pip install "fx-adapters[plot]"')
     args = parser.parse_args(argv)
+    if args.plot:  # before anything is measured
+        from fx_adapters.figures import MissingDependency, require_matplotlib
+
+        try:
+            require_matplotlib("--plot")
+        except MissingDependency as e:
+            parser.exit(2, f"python -m benchmarks: error: {e}\n")
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # peft imports it; it warns about optional kernels
     settings = QUICK if args.quick else FULL
-    names = args.only or [*DEFAULT_ROWS, *(["compile"] if args.compile else [])]
+    if args.repeats:
+        settings = dataclasses.replace(settings, repeats=args.repeats, patience=1,
+                                       generate_repeats=min(args.repeats, FULL.generate_repeats))
+    names = args.only or ([] if args.plot else [*DEFAULT_ROWS, *(["compile"] if args.compile else [])])
     started = time.perf_counter()
     rows = {}
     for name in names:
@@ -79,17 +99,33 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nfx_adapters vs PEFT — {info['date']} — {info['cpu']}, torch {info['torch']}, "
           f"{info['threads']} threads, {'quick' if args.quick else 'full'} ({settings.repeats} repeats, median)\n")
-    print(table(rows))
+    if rows:
+        print(table(rows))
     for name, row in rows.items():
         for note in row.notes:
             print(f"  {name}: {note}")
     for name, row in rows.items():
         if row.timings:
             print(f"  {name}: {row.timings.summary()}")
+    if args.plot:
+        command = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
+        _curves(settings, "quick" if args.quick else "full", Path(args.plot), {**info, "command": command})
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "rows": {n: r.as_json() for n, r in rows.items()}}, f, indent=2)
     return 0
+
+
+def _curves(settings, mode: str, directory: Path, info: dict) -> None:
+    from . import curves, plot
+
+    measured = {}
+    for name, measure in (("adapters", curves.adapters_curve), ("generate", curves.generate_curve)):
+        t = time.perf_counter()
+        measured[name] = measure(settings, mode)
+        print(f"[curve {name}: {time.perf_counter() - t:.0f} s]", file=sys.stderr, flush=True)
+    for path in plot.write({**measured, "machine": info, "mode": mode}, directory):
+        print(f"  wrote {path}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 A command module (any module here whose name does not start with ``_``) has a docstring (its help text), a
 ``HELP`` line for the command list, ``add_arguments(parser)`` and ``run(args, ui) -> int``; it is found by
 name, so adding a command is adding a file. Exit status: 0 success, 1 a comparison failed, 2 bad input
-(``CLIError`` or ``OSError``: one line on stderr), 3 an unexpected error (one line too; ``--debug``: traceback).
+(``CLIError``, ``OSError`` or a missing optional dependency: one line on stderr), 3 an unexpected error (one
+line too; ``--debug``: traceback).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import importlib
 import pkgutil
 import sys
 
+from ..figures import MissingDependency
 from ._ui import UI, CLIError, first_line, quiet_libraries
 
 EXIT_BAD_INPUT, EXIT_UNEXPECTED = 2, 3
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:
             if args.debug:
                 raise
-            bad_input = isinstance(e, (CLIError, OSError))  # OSError: a path that cannot be read or written
+            # OSError: a path that cannot be read or written; MissingDependency: an optional one a picture needs
+            bad_input = isinstance(e, (CLIError, OSError, MissingDependency))
             hint = "" if bad_input else f" ({type(e).__name__}; run with --debug for the traceback)"
             print(f"fx-adapters: error: {first_line(e)}{hint}", file=sys.stderr)
             return EXIT_BAD_INPUT if bad_input else EXIT_UNEXPECTED

@@ -8,12 +8,16 @@ so runs repeat): untrained, its scalings show the mechanics, not a learned routi
 
 The classifier gives every token one scaling per expert for all adapted layers; with --layerwise each layer gets
 its own, and the table shows their mean over the layers. With --top-k K the table shows what the layers apply:
-each token's K largest scalings, the others 0 (averaged over the layers too with --layerwise)."""
+each token's K largest scalings, the others 0 (averaged over the layers too with --layerwise).
+
+--plot FILE.png (or .svg, .pdf) also draws the scalings as a heatmap, tokens × experts (with --layerwise: one per
+layer, on one colour scale); it needs matplotlib: pip install "fx-adapters[plot]"."""
 
 from __future__ import annotations
 
 import torch
 
+from ..figures import FIGURE_SUFFIXES, check_path, require_matplotlib
 from ._models import bad_input, existing_dir, load_model, vocab_size
 from ._ui import CLIError, first_line
 
@@ -35,13 +39,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--layerwise", action="store_true", help="a scaling per layer (PEFT's layerwise_scalings)")
     parser.add_argument("--softmax-temperature", type=float, default=1.0, metavar="T",
                         help="the classifier's softmax temperature (default 1)")
+    parser.add_argument("--plot", metavar="FILE", help="also draw the scalings as a heatmap (.png, .svg or .pdf; "
+                        'needs matplotlib: pip install "fx-adapters[plot]")')
 
 
 def run(args, ui) -> int:
     import fx_adapters as fxa
 
     from ..xlora.modules import route_scalings
+    from ..xlora.plot import plot_scalings
 
+    if args.plot:  # before any work: a missing matplotlib or a bad path is said at once, and nothing is written
+        require_matplotlib("--plot")
+        with bad_input():
+            plot = check_path(args.plot, FIGURE_SUFFIXES, "--plot")
     with bad_input():  # the experts' configs (not a LoRA adapter, DoRA, ...), --top-k, --softmax-temperature
         config = fxa.XLoraConfig(adapters=_experts(args.expert), layerwise_scalings=args.layerwise,
                                  top_k_lora=args.top_k, softmax_temperature=args.softmax_temperature)
@@ -82,6 +93,12 @@ def run(args, ui) -> int:
               for i, (token, row) in enumerate(zip(ids, per_token))])
     next_id = int(logits[0, -1].argmax())
     ui.print(" ".join(["Next token (argmax of the last position's logits):", str(next_id), *_text(tokenizer, next_id)]))
+    if args.plot:
+        labels = [(_text(tokenizer, token) or [str(token)])[0] for token in ids]
+        title = (f"X-LoRA expert scalings per token, {type(model).__name__} from {args.model_dir}"
+                 + ("" if args.top_k is None else f" (top {args.top_k} kept)"))
+        plot_scalings(xm, labels, plot, layerwise=args.layerwise, scalings=scalings[None], title=title)
+        ui.print(f"Heatmap of the scalings written to {plot}")
     return 0
 
 

@@ -34,6 +34,7 @@ from ..graph.torch_compile import CompileMixin
 from . import checkpoint
 from .captures import road_rewrite
 from .config import BASE, RoadConfig
+from .draw import draw_adapted
 from .fold import Fold
 from .generation import generate_road
 from .merge import MergeState, folded_adapters, saved_copies
@@ -233,6 +234,8 @@ class AdaptedModule(CompileMixin, nn.Module):
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         """transformers' ``generate`` with a KV cache (``adapter_names``: one per prompt); ``graph.generation``."""
         return generate_road(self, *args, adapter_names=adapter_names, **kwargs)
+
+    draw = draw_adapted  # am.draw(path, layer=None): the layer before and after the rewrite (road/draw.py)
 
     @property
     def merged_adapters(self) -> list[str]:
