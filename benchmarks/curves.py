@@ -12,6 +12,7 @@ model in one run as the table's rows are, and checked against PEFT before it is 
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
 
@@ -57,6 +58,8 @@ def adapters_curve(s: Settings, mode: str) -> dict:
         points["timings"].append(t.summary())
         for name in ("peft", "ours"):
             points[name].append(round(t.ratio(name), 4))
+        print(f"  [{count} adapters: PEFT {points['peft'][-1]:.3f}, ours {points['ours'][-1]:.3f} × base]",
+              file=sys.stderr, flush=True)
     return {**points, "batch": m.BATCH, "seq": m.SEQ, "model": MODEL}
 
 
@@ -93,6 +96,8 @@ def generate_curve(s: Settings, mode: str) -> dict:
         points["timings"].append(t.summary())
         for name in ("base", "peft", "ours", "ours_prompt"):
             points[name].append(round(new * m.XLORA_BATCH / t.median(name), 1) if name in calls else None)
+        print(f"  [{new} new tokens: PEFT {points['peft'][-1]}, ours {points['ours'][-1]} tokens/s]", file=sys.stderr,
+              flush=True)
     return {**points, "batch": m.XLORA_BATCH, "prompt": m.SEQ, "experts": m.XLORA_EXPERTS, "model": MODEL,
             "prompt_mode": prompt_mode}
 
