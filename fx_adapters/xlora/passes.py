@@ -242,10 +242,48 @@ class ScalingPassCache(PassBase):
         return PassResult(graph_module, True)
 
 
+FIXED_SCALINGS = "xlora_fixed_scalings"
+
+
+class FixedScalingsGraph(PassBase):
+    """The real pass alone, with the classifier's scalings as a graph input (``generate(decode_scalings="prompt")``
+    reuses each sequence's last prompt-token scalings in its decode steps)::
+
+        before:  (*model inputs, *cache) -> (logits, *cache)
+        after:   (*model inputs, *cache, xlora_fixed_scalings, *X-LoRA inputs) -> (logits, *cache)
+                 routed = route_scalings(xlora_fixed_scalings, xlora_top_k, xlora_softmax_topk)
+
+    ``xlora_fixed_scalings`` is ``(batch, 1, n_layers, n_experts)``, the classifier's output before routing, so
+    top-k and softmax-top-k apply as in the two-pass graph. No scaling pass and no classifier: ``InsertXLoraExperts``
+    then adds the experts to the real pass only.
+    """
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        graph = graph_module.graph
+        placeholders = list(graph.find_nodes(op="placeholder"))
+        with graph.inserting_after(placeholders[-1]):
+            fixed = graph.placeholder(FIXED_SCALINGS)
+        last = fixed
+        extra = {}
+        for name, default in INPUTS.items():
+            with graph.inserting_after(last):
+                last = extra[name] = graph.placeholder(name, default_value=default)
+        for node in graph.nodes:
+            if node.op not in ("placeholder", "output"):
+                node.meta[PASS_KEY] = PassCopy(REAL, node.name)
+        with graph.inserting_after(last):
+            routed = graph.call_function(route_scalings, (fixed, extra["xlora_top_k"], extra["xlora_softmax_topk"]))
+        routed.meta.update({PASS_KEY: PassCopy(ROUTED, None), "is_wrapped": True})
+        return PassResult(graph_module, True)
+
+
 def xlora_passes(head: str, classifier: nn.Module, experts: Mapping[Target, tuple[int, XLoraExperts]],
-                 cache: tuple[Sequence[str], int] | None = None) -> list[PassBase]:
+                 cache: tuple[Sequence[str], int] | None = None, fixed_scalings: bool = False) -> list[PassBase]:
     """The X-LoRA rewrite of a captured graph, built here only: ``compile_with_xlora`` runs it on the model's graph,
     ``generate`` on its prefill and decode graphs (``cache``: ``(cache placeholder names, number of cache
-    outputs)``, for ``ScalingPassCache``)."""
+    outputs)``, for ``ScalingPassCache``). ``fixed_scalings``: the one-pass graph of ``FixedScalingsGraph`` instead
+    (``head`` and ``classifier`` unused)."""
+    if fixed_scalings:
+        return [FixedScalingsGraph(), InsertXLoraExperts(experts)]
     scaling_cache = [] if cache is None else [ScalingPassCache(*cache)]
     return [TwoPassGraph(head, classifier), *scaling_cache, InsertXLoraExperts(experts)]
