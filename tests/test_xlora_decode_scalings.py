@@ -1,19 +1,17 @@
 """X-LoRA ``generate(decode_scalings="prompt")``: the prefill runs both passes exactly, each decode step runs the real
 pass alone with the scalings of the sequence's last prompt token. PEFT has no such mode, so the oracle is the eager
-transformers model with forward hooks adding the experts' LoRA deltas under those per-position scalings, re-run on
-the whole sequence for every new token (no cache).
+transformers model with forward hooks adding the experts' LoRA deltas under those per-position scalings
+(``xlora_helpers.eager_xlora``), re-run on the whole sequence for every new token (no cache).
 """
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import build_hf, token_batch
-from safetensors.torch import load_file
-from xlora_helpers import peft_classifier_state, peft_xlora, save_experts
+from xlora_helpers import eager_xlora, peft_classifier_state, peft_xlora, save_experts
 
 import fx_adapters as fxa
 
@@ -41,32 +39,6 @@ def left_padded():
     return ids, mask
 
 
-def eager_with_scalings(model, xm, dirs, ids, mask, scalings):
-    """The model's logits with each targeted layer adding Σₑ Bₑ Aₑ x · sₑ · scaleₑ, ``scalings`` (batch, seq, layers,
-    experts) per position; positions as transformers' ``generate`` derives them from the mask."""
-    experts = []
-    for d in dirs:
-        alpha = json.loads((d / "adapter_config.json").read_text())["lora_alpha"]
-        weights = load_file(d / "adapter_model.safetensors")
-        experts.append({k.removeprefix("base_model.model.").removesuffix(".lora_A.weight"):
-                        (v, weights[k.replace("lora_A", "lora_B")], alpha / v.shape[0])
-                        for k, v in weights.items() if k.endswith("lora_A.weight")})
-    modules = dict(model.named_modules())
-    handles = []
-    for index, target in enumerate(xm.targets):
-        def hook(_module, inputs, out, index=index, path=target.name):
-            s = scalings[..., index, :]
-            delta = sum(((inputs[0] * s[..., e, None]) @ a.T @ b.T) * scale
-                        for e, expert in enumerate(experts) if path in expert for a, b, scale in [expert[path]])
-            return out + delta
-        handles.append(modules[target.name].register_forward_hook(hook))
-    try:
-        return model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def positions(mask):
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
@@ -74,15 +46,14 @@ def positions(mask):
 def reference_prompt_generate(model, xm, dirs, ids, mask, new):
     """Greedy tokens, each from a full re-run: prompt positions with the classifier's scalings (scaling pass =
     the base model at scaling_pass_value 0), later positions with the last prompt token's."""
+    _, prompt = eager_xlora(model, xm, dirs, ids, attention_mask=mask, position_ids=positions(mask), use_cache=False)
     with torch.no_grad():
-        hidden = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), output_hidden_states=True,
-                       use_cache=False)
-        prompt = xm.classifier(hidden.hidden_states[-1])
         tokens = ids
         for _ in range(new):
             extra = tokens.shape[1] - ids.shape[1]
             scalings = torch.cat([prompt, prompt[:, -1:].expand(-1, extra, -1, -1)], dim=1)
-            logits = eager_with_scalings(model, xm, dirs, tokens, mask, scalings)
+            logits, _ = eager_xlora(model, xm, dirs, tokens, scalings, attention_mask=mask,
+                                    position_ids=positions(mask), use_cache=False)
             tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=-1)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
     return tokens

@@ -60,12 +60,14 @@ def logits(module, ids, mask=None):
         return module(input_ids=ids, attention_mask=mask).logits
 
 
-def eager_xlora(model, xm, dirs, ids):
+def eager_xlora(model, xm, dirs, ids, scalings=None, **model_kwargs):
     """Oracle for layers PEFT's X-LoRA cannot run: the model with forward hooks adding, per expert, PEFT's
-    B(A(x · s)) · scaling, with ``xm``'s scalings (scaling_pass_value 0, so the scaling pass is the base model)."""
+    B(A(x · s)) · scaling, with ``scalings`` (batch, seq, layers, experts) or else ``xm``'s classifier's
+    (scaling_pass_value 0, so the scaling pass is the base model); ``model_kwargs`` go to every model call."""
     with torch.no_grad():
-        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
-        scalings = xm.classifier(hidden)
+        if scalings is None:
+            hidden = model(input_ids=ids, output_hidden_states=True, **model_kwargs).hidden_states[-1]
+            scalings = xm.classifier(hidden)
         experts = []
         for d in dirs:
             alpha = json.loads((d / "adapter_config.json").read_text())["lora_alpha"]
@@ -84,7 +86,7 @@ def eager_xlora(model, xm, dirs, ids):
                 return out + delta.reshape(out.shape)
             handles.append(modules[target.name].register_forward_hook(hook))
         try:
-            return model(input_ids=ids).logits, scalings
+            return model(input_ids=ids, **model_kwargs).logits, scalings
         finally:
             for handle in handles:
                 handle.remove()
