@@ -68,15 +68,13 @@ def random_classifier_state(hidden_size: int, n_experts: int, seed: int = 7) -> 
             "layers.0.bias": torch.randn(n_experts, generator=g)}
 
 
-def eager_xlora(model, classifier_state, dirs, ids):
+def eager_xlora(model, classifier_state, dirs, ids, scalings=None, **model_kwargs):
     """Oracle for layers PEFT's X-LoRA cannot run, from the experts' files and the classifier's weights only: the
-    model with forward hooks adding, per expert, PEFT's B(A(x · s)) · scaling, where s = softmax(W h + b) of the
-    base model's last hidden state h (a depth-1 classifier, scaling_pass_value 0: the scaling pass is the base
-    model). Returns the logits and the scalings ``(batch, seq, adapted layers, experts)``."""
-    weight, bias = classifier_state["layers.0.weight"], classifier_state["layers.0.bias"]
+    model with forward hooks adding, per expert, PEFT's B(A(x · s)) · scaling. The scalings are ``scalings``
+    ``(batch, seq, adapted layers, experts)`` when given, else s = softmax(W h + b) of the base model's last hidden
+    state h for every layer (a depth-1 classifier, scaling_pass_value 0: the scaling pass is the base model).
+    ``model_kwargs`` go to every model call. Returns the logits and the scalings used."""
     with torch.no_grad():
-        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
-        s = torch.softmax(hidden.float() @ weight.T + bias, dim=-1)
         experts = []
         for d in dirs:
             alpha = json.loads((d / "adapter_config.json").read_text())["lora_alpha"]
@@ -86,16 +84,22 @@ def eager_xlora(model, classifier_state, dirs, ids):
                             for k, v in weights.items() if k.endswith("lora_A.weight")})
         modules = dict(model.named_modules())
         adapted = [name for name in modules if any(name in expert for expert in experts)]  # in module order
+        if scalings is None:
+            weight, bias = classifier_state["layers.0.weight"], classifier_state["layers.0.bias"]
+            hidden = model(input_ids=ids, output_hidden_states=True, **model_kwargs).hidden_states[-1]
+            s = torch.softmax(hidden.float() @ weight.T + bias, dim=-1)
+            scalings = s[..., None, :].expand(*s.shape[:-1], len(adapted), len(experts))
         handles = []
-        for path in adapted:
-            def hook(_module, inputs, out, path=path):
+        for index, path in enumerate(adapted):
+            def hook(_module, inputs, out, path=path, index=index):
+                s = scalings[..., index, :]
                 x = inputs[0].reshape(*s.shape[:-1], -1)
                 delta = sum(((x * s[..., e, None]) @ a.T @ b.T) * scale
                             for e, expert in enumerate(experts) if path in expert for a, b, scale in [expert[path]])
                 return out + delta.reshape(out.shape)
             handles.append(modules[path].register_forward_hook(hook))
         try:
-            return model(input_ids=ids).logits, s[..., None, :].expand(*s.shape[:-1], len(adapted), len(experts))
+            return model(input_ids=ids, **model_kwargs).logits, scalings
         finally:
             for handle in handles:
                 handle.remove()

@@ -2,6 +2,20 @@
 ``passes.xlora_passes`` with a KV cache for each pass (``ScalingPassCache``), so every step runs the scaling pass,
 the classifier and the real pass on the new token only, where PEFT re-runs both passes on the whole sequence.
 ``xlora_step`` is the step transformers' ``generate`` runs through ``graph.generation``.
+
+``decode_scalings`` chooses the scalings of the decode steps:
+
+- ``"token"`` (default, PEFT's semantics): every new token gets the classifier's scalings of its own scaling pass;
+  each step runs both passes.
+- ``"prompt"``: the prefill runs both passes exactly; from then on each sequence reuses the scalings of its last
+  prompt token (the last position: left padding keeps it a real token), so each decode step runs the real pass
+  only, on a third graph (``passes.FixedScalingsGraph``) that reads those scalings as an input. mistral.rs calls
+  this "non-granular scalings". The first new token is the exact mode's; the later ones are the exact mode's only
+  where the classifier's scalings do not depend on the token.
+
+Either way ``get_latest_scalings()`` (and each logged step) holds the scalings each position was computed with,
+``(batch, prompt + new - 1, n_layers, n_experts)``: in ``"prompt"`` mode the positions after the prompt repeat its
+last token's scalings.
 """
 
 from __future__ import annotations
@@ -16,30 +30,52 @@ from ..graph.match import find_embedding_layers, find_linear_layers, layer_key, 
 from ..graph.passes import run_passes
 from .passes import EXPERTS_ATTR, xlora_passes
 
+DECODE_SCALINGS = ("token", "prompt")
+
+
+def check_decode_scalings(value, where: str, generating: bool = True) -> None:
+    """``decode_scalings`` must be one of ``DECODE_SCALINGS``, and ``"prompt"`` only when generating."""
+    if value not in DECODE_SCALINGS:
+        raise ValueError(f"{where}: decode_scalings={value!r} is not one of the allowed values "
+                         f"{', '.join(map(repr, DECODE_SCALINGS))} ('token': each new token's own scalings, PEFT's; "
+                         "'prompt': the last prompt token's, one pass per decode step)")
+    if value == "prompt" and not generating:
+        raise ValueError(f"{where}: decode_scalings='prompt' applies to generate only (allowed values: "
+                         f"{', '.join(map(repr, DECODE_SCALINGS))}); a forward call computes every token's scalings. "
+                         "Call generate(..., decode_scalings='prompt') or drop the argument")
+
 
 def _xlora_graphs(xm) -> Callable[[generation.GenerationSource], tuple]:
     def build(source: generation.GenerationSource) -> tuple:
         captured, types = source.captured, generation.module_types(source.model)
         experts = getattr(xm.graph_module, EXPERTS_ATTR)
         built = []
-        for graph_module, cache_names in ((captured.prefill, ()), (captured.decode, captured.cache_names)):
+        for graph_module, cache_names, fixed in ((captured.prefill, (), False),
+                                                 (captured.decode, captured.cache_names, False),
+                                                 (captured.decode, captured.cache_names, True)):
             gm = copy_graph_module(graph_module)
             layers = {t.name: t for t in (*find_linear_layers(gm, types), *find_embedding_layers(gm, types))}
             stacked = {layers[t.name]: (i, experts[layer_key(t.name)]) for i, t in enumerate(xm.targets)}
             run_passes(gm, xlora_passes(layers[output_head(source.model)].nodes[0], xm.classifier, stacked,
-                                        cache=(cache_names, len(captured.cache_names))))
+                                        cache=(cache_names, len(captured.cache_names)), fixed_scalings=fixed))
             built.append(read_from(gm, xm.graph_module))
         return tuple(built)
     return build
 
 
-def xlora_step(xm, source: generation.GenerationSource) -> generation.Step:
-    """The step ``generate`` runs: both passes on the new tokens with their caches. Its flat cache is the scaling
-    pass's, then the real pass's, then the scalings of every position so far twice (a ``DynamicCache`` layer of
-    its own, so beam search reorders them with the caches); each step records them as the latest scalings."""
-    prefill, decode = source.graphs("xlora", _xlora_graphs(xm))
-    n = len(source.captured.cache_names)
-    extra = xm.graph_inputs()
+def xlora_step(xm, source: generation.GenerationSource, decode_scalings: str = "token") -> generation.Step:
+    """The step ``generate`` runs for ``decode_scalings`` (module docstring). Its flat cache holds pairs of tensors
+    (each a ``DynamicCache`` layer, so beam search reorders all of them): the caches, then the scalings every position
+    so far was computed with, which each step records as the latest scalings."""
+    prefill, decode, one_pass = source.graphs("xlora", _xlora_graphs(xm))
+    n, extra = len(source.captured.cache_names), xm.graph_inputs()
+    if decode_scalings == "prompt":
+        return _prompt_step(xm, prefill, one_pass, n, extra)
+    return _token_step(xm, prefill, decode, n, extra)
+
+
+def _token_step(xm, prefill, decode, n: int, extra: tuple) -> generation.Step:
+    """Both passes every step. Cache: the real pass's, the scaling pass's, the scalings so far (twice)."""
 
     def step(inputs: tuple, cache: tuple) -> tuple[torch.Tensor, tuple]:
         logits, *out = (decode if cache else prefill)(*inputs, *cache[:2 * n], *extra)
@@ -49,13 +85,32 @@ def xlora_step(xm, source: generation.GenerationSource) -> generation.Step:
     return step
 
 
-def generate_xlora(xm, *args, **kwargs):
-    """``XLoraModule.generate``: transformers' ``generate(*args, **kwargs)`` with both passes cached; afterwards
-    ``get_latest_scalings()`` holds the scalings of every position the last step saw, ``(batch, prompt + new - 1,
-    n_layers, n_experts)`` as PEFT's, and each step is logged while logging is on. With adapters disabled it
-    generates with the base model."""
+def _prompt_step(xm, prefill, one_pass, n: int, extra: tuple) -> generation.Step:
+    """Both passes on the prompt, then the real pass alone with each sequence's last prompt-token scalings. Cache:
+    the real pass's (the scaling pass's is never read again), those fixed scalings (twice), the scalings so far
+    (twice)."""
+
+    def step(inputs: tuple, cache: tuple) -> tuple[torch.Tensor, tuple]:
+        if cache:
+            fixed = cache[n]
+            logits, *real = one_pass(*inputs, *cache[:n], fixed, *extra)
+            scalings = torch.cat([cache[n + 2], fixed], dim=1)
+        else:
+            logits, *out = prefill(*inputs, *extra)
+            real, fixed, scalings = out[:n], out[n][:, -1:], out[n]
+        xm.record_scalings(scalings)
+        return logits, (*real, fixed, fixed, scalings, scalings)
+    return step
+
+
+def generate_xlora(xm, *args, decode_scalings: str = "token", **kwargs):
+    """``XLoraModule.generate``: transformers' ``generate(*args, **kwargs)`` with both passes cached and
+    ``decode_scalings`` as in the module docstring; afterwards ``get_latest_scalings()`` holds the scalings of every
+    position the last step saw, ``(batch, prompt + new - 1, n_layers, n_experts)`` (PEFT's in ``"token"`` mode), and
+    each step is logged while logging is on. With adapters disabled it generates with the base model."""
+    check_decode_scalings(decode_scalings, f"{type(xm).__name__}.generate")
     source = generation.source_of(xm)
     generation.check_arguments(source, kwargs)
     generation.batch_size(args, kwargs)
-    step = generation.base_step(xm, source) if xm.adapters_disabled else xlora_step(xm, source)
+    step = generation.base_step(xm, source) if xm.adapters_disabled else xlora_step(xm, source, decode_scalings)
     return generation.generate(step, source, xm, *args, **kwargs)

@@ -41,7 +41,7 @@ from ..graph.torch_compile import CompileMixin
 from . import checkpoint
 from .config import XLoraConfig, check_number, check_top_k
 from .experts import LoraExpert, check_experts, read_lora_expert, stack_experts
-from .generation import generate_xlora
+from .generation import check_decode_scalings, generate_xlora
 from .modules import XLoraClassifier, route_scalings
 from .passes import CLASSIFIER_ATTR, xlora_passes
 
@@ -86,17 +86,19 @@ class XLoraModule(CompileMixin, nn.Module):
         """Whether ``disable_adapter_layers()`` is in force (the module computes the base model)."""
         return self._disabled
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, decode_scalings: str = "token", **kwargs):
+        check_decode_scalings(decode_scalings, f"{type(self).__name__}.forward", generating=False)
         if self._disabled:
             return self._captured.call(self._base_graph_module(), *args, **kwargs)
         output, scalings = self._two_pass.call(self._graph_to_call(), *args, extra=self.graph_inputs(), **kwargs)
         self.record_scalings(scalings)
         return output
 
-    def generate(self, *args, **kwargs):
-        """transformers' ``generate`` with KV caches for both passes (``fx_adapters.graph.generation``); scalings:
-        ``fx_adapters.xlora.generation``."""
-        return generate_xlora(self, *args, **kwargs)
+    def generate(self, *args, decode_scalings: str = "token", **kwargs):
+        """transformers' ``generate`` with KV caches (``fx_adapters.graph.generation``), and ``decode_scalings="token"``
+        (PEFT's, exact) or ``"prompt"`` (each sequence keeps its last prompt token's scalings: one pass per decode
+        step); scalings: ``fx_adapters.xlora.generation``."""
+        return generate_xlora(self, *args, decode_scalings=decode_scalings, **kwargs)
 
     def graph_inputs(self) -> tuple:
         """The graph inputs after the model's (``passes.INPUTS``), from the current config."""

@@ -242,10 +242,101 @@ class ScalingPassCache(PassBase):
         return PassResult(graph_module, True)
 
 
+class ReuseScalingPassNodes(PassBase):
+    """Compute once what both passes compute alike: a real-pass node whose captured node, op and arguments are those
+    of its scaling-pass copy (once the inputs it reads are themselves reused) is replaced by that copy. Everything
+    before the first expert call is identical in both passes: the embedding, the rotary tables and the mask, the
+    first layer's norm and its projections (an expert adds to a layer's output, after the layer)::
+
+        before:  xlora_scaling_embedding = embedding(w, input_ids)      embedding = embedding(w, input_ids)
+                 xlora_scaling_linear = linear(xlora_scaling_norm, wq)  linear = linear(norm, wq)
+                 xlora_real_experts_q(linear, norm, ...)
+        after:   xlora_scaling_embedding = embedding(w, input_ids)
+                 xlora_scaling_linear = linear(xlora_scaling_norm, wq)
+                 xlora_real_experts_q(xlora_scaling_linear, xlora_scaling_norm, ...)
+
+    Run after ``InsertXLoraExperts`` (its expert calls are no copies, so whatever reads them stays in its pass) and
+    ``ScalingPassCache`` (the passes' past caches are different inputs). Ops that mutate or draw random numbers are
+    never reused. Gradients are unchanged: the classifier reads the scaling pass through a ``detach``.
+    """
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        graph = graph_module.graph
+        twins = {pass_of(n).source: n for n in graph.nodes if _in_pass(n, SCALING)}
+        reused: dict[torch.fx.Node, torch.fx.Node] = {}
+
+        def through(node: torch.fx.Node) -> torch.fx.Node:
+            return reused.get(node, node)
+
+        for node in graph.nodes:
+            twin = twins.get(pass_of(node).source) if _in_pass(node, REAL) else None
+            if (twin is not None and (node.op, node.target) == (twin.op, twin.target) and _pure(node)
+                    and torch.fx.map_arg(node.args, through) == twin.args
+                    and torch.fx.map_arg(node.kwargs, through) == twin.kwargs):
+                reused[node] = twin
+        for node, twin in reused.items():
+            node.replace_all_uses_with(twin)
+        for node in reversed(reused):
+            graph.erase_node(node)
+        return PassResult(graph_module, bool(reused))
+
+
+_RANDOM_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def _pure(node: torch.fx.Node) -> bool:
+    """Whether two calls of ``node``'s op on the same arguments give the same value and change nothing: no mutating
+    or random op (``Node.is_impure``), no in-place method, no module holding a dropout (plain modules keep theirs)."""
+    if node.op == "call_method":
+        return not node.target.endswith("_")
+    if node.op == "call_module":
+        module = node.graph.owning_module.get_submodule(node.target)
+        return not any(isinstance(m, _RANDOM_MODULES) for m in module.modules())
+    return not node.is_impure(impure_random=True)
+
+
+FIXED_SCALINGS = "xlora_fixed_scalings"
+
+
+class FixedScalingsGraph(PassBase):
+    """The real pass alone, with the classifier's scalings as a graph input (``generate(decode_scalings="prompt")``
+    reuses each sequence's last prompt-token scalings in its decode steps)::
+
+        before:  (*model inputs, *cache) -> (logits, *cache)
+        after:   (*model inputs, *cache, xlora_fixed_scalings, *X-LoRA inputs) -> (logits, *cache)
+                 routed = route_scalings(xlora_fixed_scalings, xlora_top_k, xlora_softmax_topk)
+
+    ``xlora_fixed_scalings`` is ``(batch, 1, n_layers, n_experts)``, the classifier's output before routing, so
+    top-k and softmax-top-k apply as in the two-pass graph. No scaling pass and no classifier: ``InsertXLoraExperts``
+    then adds the experts to the real pass only.
+    """
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        graph = graph_module.graph
+        placeholders = list(graph.find_nodes(op="placeholder"))
+        with graph.inserting_after(placeholders[-1]):
+            fixed = graph.placeholder(FIXED_SCALINGS)
+        last = fixed
+        extra = {}
+        for name, default in INPUTS.items():
+            with graph.inserting_after(last):
+                last = extra[name] = graph.placeholder(name, default_value=default)
+        for node in graph.nodes:
+            if node.op not in ("placeholder", "output"):
+                node.meta[PASS_KEY] = PassCopy(REAL, node.name)
+        with graph.inserting_after(last):
+            routed = graph.call_function(route_scalings, (fixed, extra["xlora_top_k"], extra["xlora_softmax_topk"]))
+        routed.meta.update({PASS_KEY: PassCopy(ROUTED, None), "is_wrapped": True})
+        return PassResult(graph_module, True)
+
+
 def xlora_passes(head: str, classifier: nn.Module, experts: Mapping[Target, tuple[int, XLoraExperts]],
-                 cache: tuple[Sequence[str], int] | None = None) -> list[PassBase]:
+                 cache: tuple[Sequence[str], int] | None = None, fixed_scalings: bool = False) -> list[PassBase]:
     """The X-LoRA rewrite of a captured graph, built here only: ``compile_with_xlora`` runs it on the model's graph,
     ``generate`` on its prefill and decode graphs (``cache``: ``(cache placeholder names, number of cache
-    outputs)``, for ``ScalingPassCache``)."""
+    outputs)``, for ``ScalingPassCache``). ``fixed_scalings``: the one-pass graph of ``FixedScalingsGraph`` instead
+    (``head`` and ``classifier`` unused)."""
+    if fixed_scalings:
+        return [FixedScalingsGraph(), InsertXLoraExperts(experts)]
     scaling_cache = [] if cache is None else [ScalingPassCache(*cache)]
-    return [TwoPassGraph(head, classifier), *scaling_cache, InsertXLoraExperts(experts)]
+    return [TwoPassGraph(head, classifier), *scaling_cache, InsertXLoraExperts(experts), ReuseScalingPassNodes()]
