@@ -45,11 +45,12 @@ def _road_graphs(am, rotated: tuple, saved: tuple) -> Callable[[generation.Gener
     return build
 
 
-def generate_road(am, input_ids: torch.Tensor, adapter_names: Sequence[str] | None = None, **options) -> torch.Tensor:
+def generate_road(am, input_ids: torch.Tensor, adapter_names: Sequence[str] | None = None,
+                  adapter_name: str | None = None, **options) -> torch.Tensor:
     """``AdaptedModule.generate``: the active adapter(s), or one adapter name (or ``"__base__"``) per row with
-    ``adapter_names``, as ``forward``."""
+    ``adapter_names``, or one for every row with ``adapter_name``, as ``forward``."""
     source = generation.source_of(am)
-    index = am.road_input(adapter_names, generation.batch_size(input_ids))
+    index = am.road_input(adapter_names, generation.batch_size(input_ids), adapter_name)
     sites = _road_sites(am.graph_module)
     prefill, decode = source.graphs(("road", sites), _road_graphs(am, *sites))
     return generation.generate(generation.graph_step(prefill, decode, (index,)), source, input_ids, **options)

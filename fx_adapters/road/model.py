@@ -36,14 +36,18 @@ from .merge import MergeState, folded_adapters, saved_copies
 from .modules_to_save import saved_modules
 from .pipeline import adapter_tensors, add_parameters, apply_road, layer_folds, remove_road, set_trainable
 from .rewrite import OrderRoadRotations, road_layers, rotation_orders
-from .slots import TableCache, road_index, slots_of
+from .serving import ContextFlag, ServingLock, exclusive, shared
+from .serving_export import mixed_batch_graph
+from .slots import AdapterSlots
 from .targets import select_layers
 
 
 class AdaptedModule(CompileMixin, nn.Module):
     """A captured model whose graph applies RoAd adapters; call it like the original model.
 
-    Extra call argument: ``adapter_names`` (one adapter name or ``"__base__"`` per sample) for mixed batches.
+    Extra call arguments: ``adapter_names`` (one adapter name or ``"__base__"`` per sample) for mixed batches,
+    ``adapter_name`` (one for the whole batch). Calls are thread-safe (``serving.py``), also while other threads
+    add, load or delete adapters; ``disable_adapters()`` holds in its own thread / task only.
     While adapters are merged, forward computes with the merged weights and no rotation (whatever adapter is
     active); passing ``adapter_names`` or running under ``disable_adapters()`` raises until ``unmerge()``.
     """
@@ -59,8 +63,9 @@ class AdaptedModule(CompileMixin, nn.Module):
         self._adapter_targets: dict[str, tuple[str, ...]] = {}
         self._saved: dict[str, tuple[str, ...]] = {}  # adapter -> linear layers it keeps a copy of
         self._active: list[str] = []
-        self._disabled = False
-        self._tables = TableCache()
+        self.disabled = ContextFlag()  # per thread / task: disable_adapters()
+        self.serving = ServingLock()  # calls share it; what changes adapters or the graph holds it alone
+        self.slots = AdapterSlots()
         self.merge_state = MergeState()
 
     # ------------------------------------------------------------------ adapters
@@ -106,6 +111,7 @@ class AdaptedModule(CompileMixin, nn.Module):
         ``road_theta`` / ``road_alpha`` per rotated layer, and the ``weight`` / ``bias`` of its ``modules_to_save``
         copies. The parameters themselves (train them, or write them under ``torch.no_grad()``)."""
         self._check_known(adapter_name, "adapter_parameters")
+        self.slots.watch(self.graph_module, adapter_name)  # it may be written: compare its versions at each call
         return adapter_tensors(self.graph_module, adapter_name, self._adapter_targets[adapter_name],
                                self._saved[adapter_name])
 
@@ -113,6 +119,7 @@ class AdaptedModule(CompileMixin, nn.Module):
         return select_layers(adapter_name, config, list(self._layers.values()), rotated_by=self._adapter_targets,
                              saved_by=self._saved, model_type=self._model_type, output_head=self._output_head)
 
+    @exclusive
     def add_adapter(self, adapter_name: str, config: RoadConfig) -> None:
         """Add an adapter (not active, not trainable until ``set_adapter``), rewriting layers it newly targets."""
         if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE or "." in adapter_name:
@@ -127,12 +134,14 @@ class AdaptedModule(CompileMixin, nn.Module):
         self.peft_config[adapter_name] = config
         self._adapter_targets[adapter_name] = tuple(t.name for t in targets)
         self._saved[adapter_name] = tuple(t.name for t in saved)
-        self._tables.changed()
+        self.slots.assign(self.graph_module, adapter_name, *(self._adapter_targets[adapter_name],
+                                                             self._saved[adapter_name]))
         if not self._active:
             self.set_adapter(adapter_name)
         else:
-            set_trainable(self.graph_module, self._active)
+            set_trainable(self.graph_module, self._active, adapter_name)
 
+    @exclusive
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Activate one adapter, or several applied in the given order on each layer (R_last ··· R_first).
 
@@ -155,13 +164,15 @@ class AdaptedModule(CompileMixin, nn.Module):
             run_passes(self.graph_module, [OrderRoadRotations(orders)])
         self._active = names
         set_trainable(self.graph_module, self._active)
-        self._tables.changed()
+        self.slots.compose(self.graph_module, names)
 
+    @exclusive
     def delete_adapter(self, adapter_name: str) -> None:
         """Delete an adapter; rotations and ``modules_to_save`` nodes that no remaining adapter needs leave the
         graph (a layer no adapter saves any more is called as in the captured graph again)."""
         self._check_known(adapter_name, "delete_adapter")
         layers = road_layers(self.graph_module)
+        self.slots.release(self.graph_module, adapter_name)
         for name in self._adapter_targets.pop(adapter_name):
             layers[layer_key(name)].remove_adapter(adapter_name)
         for name in self._saved[adapter_name]:
@@ -173,12 +184,12 @@ class AdaptedModule(CompileMixin, nn.Module):
         renamed = remove_road(self.graph_module, keep, unsaved)
         for t in unsaved:
             self._layers[t.name] = replace(t, nodes=tuple(renamed.get(n, n) for n in t.nodes))
-        self._tables.changed()
         if adapter_name in self._active:
             self._active.remove(adapter_name)
             if not self._active and self.peft_config:
                 self._active = [next(iter(self.peft_config))]
             set_trainable(self.graph_module, self._active)
+            self.slots.compose(self.graph_module, self._active)
 
     def _adapter_list(self, adapter_name: str | Sequence[str] | None, where: str) -> list[str]:
         names = list(self._active) if adapter_name is None else (
@@ -195,35 +206,34 @@ class AdaptedModule(CompileMixin, nn.Module):
 
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator[None]:
-        """Within the block the module computes the base model."""
-        previous, self._disabled = self._disabled, True
-        try:
+        """Within the block the module computes the base model: in this thread or asyncio task only."""
+        with self.disabled.set(True):
             yield
-        finally:
-            self._disabled = previous
 
     # ------------------------------------------------------------------ forward
-    def road_input(self, adapter_names: Sequence[str] | None, batch_size: int | None) -> torch.Tensor | None:
-        """The ``road_index`` graph input of a call with ``adapter_names`` (None: the active adapters), with the
-        tables it selects from brought up to date; raises on names or states a call cannot have."""
-        if self.merge_state.runs_merged(adapter_names, self._disabled):
+    def road_input(self, adapter_names: Sequence[str] | None, batch_size: int | None,
+                   adapter_name: str | None = None) -> torch.Tensor | None:
+        """The ``road_index`` graph input of a call with ``adapter_names`` / ``adapter_name`` (None: the active
+        adapters), with the rows it selects up to date; raises on names or states a call cannot have."""
+        per_call = adapter_names if adapter_name is None else [adapter_name]
+        if self.merge_state.runs_merged(per_call, self.disabled.get()):
             return None  # the merged weights, no rotation
-        slots = slots_of(self.peft_config)
-        index = road_index(slots, self._active, adapter_names, batch_size, self.training)
-        if index is None or self._disabled:
+        index = self.slots.index(self._active, adapter_names, adapter_name, batch_size, self.training)
+        if index is None or self.disabled.get():
             return None
-        self._tables.refresh(list(road_layers(self.graph_module).values()),
-                             list(saved_modules(self.graph_module).values()), slots, self._active)
+        self.slots.sync(self.graph_module, self._active, self.training)
         return index
 
-    def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+    @shared
+    def forward(self, *args, adapter_names: Sequence[str] | None = None, adapter_name: str | None = None, **kwargs):
         first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
-        index = self.road_input(adapter_names, None if first is None else first.shape[0])
+        index = self.road_input(adapter_names, None if first is None else first.shape[0], adapter_name)
         return self._captured.call(self._graph_to_call(), *args, extra=(index,), **kwargs)
 
+    @shared
     def generate(self, input_ids: torch.Tensor, adapter_names: Sequence[str] | None = None, **kwargs) -> torch.Tensor:
-        """Generate with a KV cache (``adapter_names``: one adapter or ``"__base__"`` per row); see
-        ``fx_adapters.graph.generation``."""
+        """Generate with a KV cache (``adapter_names``: one adapter or ``"__base__"`` per row, or ``adapter_name``
+        for all); see ``fx_adapters.graph.generation``."""
         return generate_road(self, input_ids, adapter_names, **kwargs)
 
     # ------------------------------------------------------------------ merge and fold
@@ -245,6 +255,7 @@ class AdaptedModule(CompileMixin, nn.Module):
     def _saved_copies(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
         return saved_copies(self.adapter_parameters(name) for name in names)
 
+    @exclusive
     def merge(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Merge adapters (default: the active one) into the weights, in the given order.
 
@@ -257,6 +268,7 @@ class AdaptedModule(CompileMixin, nn.Module):
         names = self._adapter_list(list(adapter_names) if adapter_names is not None else None, "merge")
         self.merge_state.merge(self.graph_module, names, self.folds, self._saved_copies, safe_merge)
 
+    @exclusive
     def unmerge(self, exact: bool = True) -> None:
         """Undo every merge, last first, by the inverse of the rotations merged (their ``(2, out)`` columns are
         kept from merge time: later changes to the adapter parameters do not matter).
@@ -298,6 +310,7 @@ class AdaptedModule(CompileMixin, nn.Module):
         return self.merge_state.unfold(folded, names, inverse)
 
     # ------------------------------------------------------------------ checkpoints
+    @exclusive
     def load_adapter(self, path_or_state_dict: str | Path | Mapping[str, torch.Tensor], adapter_name: str = "default",
                      config: RoadConfig | None = None) -> None:
         """Load a PEFT RoAd adapter (a directory or its state dict) into ``adapter_name``.
@@ -320,11 +333,12 @@ class AdaptedModule(CompileMixin, nn.Module):
         values = checkpoint.check_checkpoint(state, checkpoint.expected_shapes(config, targets, saved), config, source)
         if adapter_name not in self.peft_config:
             self.add_adapter(adapter_name, config)
-        destination = self.adapter_parameters(adapter_name)
+        destination = adapter_tensors(self.graph_module, adapter_name, self._adapter_targets[adapter_name],
+                                      self._saved[adapter_name])
         with torch.no_grad():
             for site, tensor in values.items():
                 destination[site].copy_(tensor)
-        self._tables.changed()
+        self.slots.write(self.graph_module, adapter_name)
 
     def save_adapter(self, directory: str | Path, adapter_name: str | None = None) -> Path:
         """Write ``adapter_name`` (default: the active one) as a PEFT adapter directory (exact module paths)."""
@@ -336,6 +350,12 @@ class AdaptedModule(CompileMixin, nn.Module):
         return checkpoint.write_road_adapter(directory, self.peft_config[adapter_name],
                                              self._adapter_targets[adapter_name], self._saved[adapter_name],
                                              self.adapter_parameters(adapter_name), self._name_or_path)
+
+    def mixed_batch_graph(self) -> tuple[torch.fx.GraphModule, dict[str, int]]:
+        """The unmerged graph serving every adapter by an ``adapter_ids`` input, and its ids; see
+        ``serving_export.py`` (what ``fxa.export(am, path, mixed_batch=True)`` writes)."""
+        return mixed_batch_graph(self.graph_module, self._captured.out_spec, list(self.peft_config),
+                                 self.slots.ids, self.merged_adapters, self._saved)
 
 
 def compile_with_road(model: nn.Module, config: RoadConfig, example_inputs: tuple | None = None,

@@ -84,12 +84,13 @@ def layer_folds(gm: torch.fx.GraphModule, adapter: str, rotated: Sequence[Target
         return tuple(Fold(t, layers[layer_key(t.name)].columns(adapter), group_size, adapter) for t in rotated)
 
 
-def set_trainable(gm: torch.fx.GraphModule, active: Collection[str]) -> None:
-    """Only the ``active`` adapters' parameters require grad, as in PEFT."""
+def set_trainable(gm: torch.fx.GraphModule, active: Collection[str], only: str | None = None) -> None:
+    """Only the ``active`` adapters' parameters require grad, as in PEFT (with ``only``: set just that adapter's)."""
     for layer in road_layers(gm).values():
-        for name in layer.road_theta:
+        for name in layer.road_theta if only is None else [only] if only in layer.road_theta else []:
             layer.road_theta[name].requires_grad_(name in active)
             layer.road_alpha[name].requires_grad_(name in active)
     for module in saved_modules(gm).values():
         for name, p in (*module.weight.items(), *module.bias.items()):
-            p.requires_grad_(name in active)
+            if only is None or name == only:
+                p.requires_grad_(name in active)
