@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from torch import nn
 
 from ..graph import generation
 from ..graph.capture import CapturedModel, capture
-from ..graph.match import FindLinearLayers, Target, layer_key, output_head
+from ..graph.match import FindLinearLayers, Target, output_head
 from ..graph.passes import run_passes
 from ..graph.torch_compile import CompileMixin
 from . import checkpoint
@@ -33,9 +33,8 @@ from .config import BASE, RoadConfig
 from .fold import Fold
 from .generation import generate_road
 from .merge import MergeState, folded_adapters, saved_copies
-from .modules_to_save import saved_modules
-from .pipeline import adapter_tensors, add_parameters, apply_road, layer_folds, remove_road, set_trainable
-from .rewrite import OrderRoadRotations, road_layers, rotation_orders
+from .pipeline import adapter_tensors, add_parameters, apply_road, drop_adapter, layer_folds, set_trainable
+from .rewrite import OrderRoadRotations, rotation_orders
 from .serving import ContextFlag, ServingLock, exclusive, shared
 from .serving_export import mixed_batch_graph
 from .slots import AdapterSlots
@@ -77,9 +76,7 @@ class AdaptedModule(CompileMixin, nn.Module):
     @property
     def active_adapter(self) -> str | list[str] | None:
         """The active adapter's name (a list when several are active, None when there is none), as PEFT."""
-        if len(self._active) > 1:
-            return list(self._active)
-        return self._active[0] if self._active else None
+        return list(self._active) if len(self._active) > 1 else self._active[0] if self._active else None
 
     @property
     def active_adapters(self) -> list[str]:
@@ -171,17 +168,10 @@ class AdaptedModule(CompileMixin, nn.Module):
         """Delete an adapter; rotations and ``modules_to_save`` nodes that no remaining adapter needs leave the
         graph (a layer no adapter saves any more is called as in the captured graph again)."""
         self._check_known(adapter_name, "delete_adapter")
-        layers = road_layers(self.graph_module)
         self.slots.release(self.graph_module, adapter_name)
-        for name in self._adapter_targets.pop(adapter_name):
-            layers[layer_key(name)].remove_adapter(adapter_name)
-        for name in self._saved[adapter_name]:
-            saved_modules(self.graph_module)[layer_key(name)].remove_copy(adapter_name)
+        renamed, unsaved = drop_adapter(self.graph_module, adapter_name, self._adapter_targets.pop(adapter_name),
+                                        [self._layers[n] for n in self._saved.pop(adapter_name)])
         del self.peft_config[adapter_name]
-        still_saved = {name for a, names in self._saved.items() if a != adapter_name for name in names}
-        unsaved = [self._layers[n] for n in self._saved.pop(adapter_name) if n not in still_saved]
-        keep = {(name, cfg.group_size) for a, cfg in self.peft_config.items() for name in self._adapter_targets[a]}
-        renamed = remove_road(self.graph_module, keep, unsaved)
         for t in unsaved:
             self._layers[t.name] = replace(t, nodes=tuple(renamed.get(n, n) for n in t.nodes))
         if adapter_name in self._active:
@@ -204,25 +194,17 @@ class AdaptedModule(CompileMixin, nn.Module):
         if adapter_name not in self.peft_config:
             raise ValueError(f"{where}: unknown adapter {adapter_name!r}; known adapters: {list(self.peft_config)}")
 
-    @contextlib.contextmanager
-    def disable_adapters(self) -> Iterator[None]:
+    def disable_adapters(self) -> contextlib.AbstractContextManager[None]:
         """Within the block the module computes the base model: in this thread or asyncio task only."""
-        with self.disabled.set(True):
-            yield
+        return self.disabled.set(True)
 
     # ------------------------------------------------------------------ forward
     def road_input(self, adapter_names: Sequence[str] | None, batch_size: int | None,
                    adapter_name: str | None = None) -> torch.Tensor | None:
         """The ``road_index`` graph input of a call with ``adapter_names`` / ``adapter_name`` (None: the active
         adapters), with the rows it selects up to date; raises on names or states a call cannot have."""
-        per_call = adapter_names if adapter_name is None else [adapter_name]
-        if self.merge_state.runs_merged(per_call, self.disabled.get()):
-            return None  # the merged weights, no rotation
-        index = self.slots.index(self._active, adapter_names, adapter_name, batch_size, self.training)
-        if index is None or self.disabled.get():
-            return None
-        self.slots.sync(self.graph_module, self._active, self.training)
-        return index
+        return self.slots.road_input(self.graph_module, self._active, adapter_names, adapter_name, batch_size,
+                                     self.training, self.disabled.get(), self.merge_state)
 
     @shared
     def forward(self, *args, adapter_names: Sequence[str] | None = None, adapter_name: str | None = None, **kwargs):

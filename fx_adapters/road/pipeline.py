@@ -24,19 +24,27 @@ from torch import nn
 
 from ..graph.match import Target, layer_key
 from ..graph.passes import run_passes
+from ..graph.tags import tagged
 from .fold import Fold
-from .modules_to_save import SaveLinearLayers, UnsaveLinearLayers, saved_modules
-from .rewrite import InsertRoadRotations, RemoveRoadRotations, road_layers
+from .modules_to_save import SavedTag, SaveLinearLayers, UnsaveLinearLayers, saved_modules
+from .rewrite import InsertRoadRotations, RemoveRoadRotations, road_layers, rotations
 
 ROAD_PARAMS = ("road_theta", "road_alpha")  # an adapter's parameters on each layer it rotates, PEFT's names
 
 
-def apply_road(gm: torch.fx.GraphModule, rotations: Sequence[tuple[Target, int]], saved: Sequence[Target]
+def apply_road(gm: torch.fx.GraphModule, sites: Sequence[tuple[Target, int]], saved: Sequence[Target]
                ) -> dict[str, str]:
-    """Rotate each ``(layer, group size)`` of ``rotations`` and route each ``saved`` layer through its
-    ``modules_to_save`` copies (both idempotent); returns the saved layers' renamed nodes (old -> new name)."""
+    """Rotate each ``(layer, group size)`` of ``sites`` and route each ``saved`` layer through its
+    ``modules_to_save`` copies (both idempotent: when the graph has them all, it is not touched, so adding an
+    adapter to layers other adapters rotate costs no recompile); returns the saved layers' renamed nodes."""
+    present = {(tag.layer, tag.group_size) for _, tag in rotations(gm.graph)}
+    saved_present = {tag.layer for _, tag in tagged(gm.graph, SavedTag)}
+    sites = [(t, g) for t, g in sites if (t.name, g) not in present]
+    saved = [t for t in saved if t.name not in saved_present]
+    if not sites and not saved:
+        return {}
     save = SaveLinearLayers(saved)
-    run_passes(gm, [InsertRoadRotations(rotations), save])
+    run_passes(gm, [InsertRoadRotations(sites), save])
     return save.renamed
 
 
@@ -60,6 +68,30 @@ def remove_road(gm: torch.fx.GraphModule, keep: Collection[tuple[str, int]], uns
     unsave = UnsaveLinearLayers(unsaved)
     run_passes(gm, [RemoveRoadRotations(keep), unsave])
     return unsave.renamed
+
+
+def drop_adapter(gm: torch.fx.GraphModule, adapter: str, rotated: Sequence[str], saved: Sequence[Target]
+                 ) -> tuple[dict[str, str], list[Target]]:
+    """Delete ``adapter``'s parameters from its ``rotated`` layers and its copies of the ``saved`` ones, and the
+    rotations and ``modules_to_save`` nodes no other adapter needs (O(its layers), whatever the number of adapters).
+    Returns the renamed nodes of the layers no adapter saves any more, and those layers."""
+    layers, copies = road_layers(gm), saved_modules(gm)
+    drop = set()
+    for name in rotated:
+        layer = layers[layer_key(name)]
+        group_size = layer.group_size[adapter]
+        layer.remove_adapter(adapter)
+        if group_size not in layer.group_size.values():
+            drop.add((name, group_size))
+    unsaved = []
+    for t in saved:
+        copies[layer_key(t.name)].remove_copy(adapter)
+        if not len(copies[layer_key(t.name)].weight):
+            unsaved.append(t)
+    if not drop and not unsaved:
+        return {}, []
+    keep = {(tag.layer, tag.group_size) for _, tag in rotations(gm.graph)} - drop
+    return remove_road(gm, keep, unsaved), unsaved
 
 
 def adapter_tensors(gm: torch.fx.GraphModule, adapter: str, rotated: Sequence[str], saved: Sequence[str]

@@ -147,6 +147,18 @@ class AdapterSlots:
             for layer in self.graded:
                 layer.differentiable(active, self.composed)
 
+    def road_input(self, gm: torch.fx.GraphModule, active: Sequence[str], adapter_names, adapter_name: str | None,
+                   batch_size: int | None, training: bool, disabled: bool, merge_state) -> torch.Tensor | None:
+        """``AdaptedModule.road_input``: the ``road_index`` of a call (None: no rotation), its rows up to date."""
+        per_call = adapter_names if adapter_name is None else [adapter_name]
+        if merge_state.runs_merged(per_call, disabled):
+            return None  # the merged weights, no rotation
+        index = self.index(active, adapter_names, adapter_name, batch_size, training)
+        if index is None or disabled:
+            return None
+        self.sync(gm, active, training)
+        return index
+
     def index(self, active: Sequence[str], adapter_names, adapter_name: str | None, batch_size: int | None,
               training: bool) -> torch.Tensor | None:
         """The ``road_index`` of a call: ``adapter_name`` (one adapter or ``"__base__"`` for the whole batch),
