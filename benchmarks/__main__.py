@@ -1,6 +1,7 @@
-"""``python -m benchmarks [--quick] [--json PATH] [--only ROW ...] [--compile] [--threads N]``
+"""``python -m benchmarks [--quick] [--json PATH] [--only ROW ...] [--compile] [--aoti] [--threads N]``
 
-Issue 7's table: PEFT and fx_adapters on the same random Llama (hidden 512, 4 layers, all 7 projections,
+Issue 7's table (and issue 16's serving rows, ``benchmarks/serving.py``): PEFT and fx_adapters on the same
+random Llama (hidden 512, 4 layers, all 7 projections,
 RoAd group_size 64, batch 16 × seq 64, 2 threads), timed interleaved in one process. Each figure is a
 median ÷ the base model's median from the same run, over the repetitions during which the machine was
 quiet (see ``benchmarks/timing.py``); the lines under the table say how many that was.
@@ -20,7 +21,11 @@ import warnings
 
 import torch
 
+from . import serving
 from .rows import DEFAULT_ROWS, ROWS, Row, Settings
+
+ROWS = {**ROWS, **serving.ROWS}
+DEFAULT_ROWS = [*DEFAULT_ROWS, *serving.DEFAULT_ROWS]
 
 THREADS = 2
 FULL = Settings(repeats=25, warmup=2, fold_repeats=10, generate_repeats=5, new_tokens=64, patience=3)
@@ -61,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="write medians, ratios and machine info as JSON")
     parser.add_argument("--only", nargs="+", choices=list(ROWS), metavar="ROW", help=f"rows to run: {', '.join(ROWS)}")
     parser.add_argument("--compile", action="store_true", help="add the torch.compile row (slow to compile)")
+    parser.add_argument("--aoti", action="store_true", help="add the AOTInductor rows (minutes of C++ compiling)")
     parser.add_argument("--threads", type=int, default=THREADS, help=f"torch threads (issue 7: {THREADS})")
     args = parser.parse_args(argv)
 
@@ -68,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # peft imports it; it warns about optional kernels
     settings = QUICK if args.quick else FULL
-    names = args.only or [*DEFAULT_ROWS, *(["compile"] if args.compile else [])]
+    names = args.only or [*DEFAULT_ROWS, *(["compile"] if args.compile else []), *(["aoti"] if args.aoti else [])]
     started = time.perf_counter()
     rows = {}
     for name in names:

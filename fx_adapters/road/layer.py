@@ -37,7 +37,7 @@ from .rotation import compose, identity_columns, param_size, road_columns
 TABLE_PREFIX = "table_g"  # a layer's table for group size g is its buffer ``table_g<g>``
 SLOTS_PREFIX = "slots_g"  # and its slot map (adapter id -> row) ``slots_g<g>``
 GROWTH = 1.5  # tables and slot maps grow by this factor (geometric: amortized O(1) rows written per add)
-MIN_ROWS = 4
+MIN_ROWS = 2
 
 
 def table_name(group_size: int) -> str:
