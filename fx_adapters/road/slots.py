@@ -131,17 +131,17 @@ class AdapterSlots:
     def _versions(self, gm: torch.fx.GraphModule, adapter: str) -> tuple[int, ...]:
         return tuple(p._version if not p.is_inference() else -1 for p in self._params(gm, adapter))
 
-    def sync(self, gm: torch.fx.GraphModule, active: Sequence[str], training: bool) -> None:
+    def sync(self, gm: torch.fx.GraphModule, active: Sequence[str]) -> None:
         """Bring the tables up to date before a call: rewrite the rows of watched adapters whose parameters
-        changed; in a training step (autograd on, active parameters requiring grad) make the active adapters'
-        rows differentiable."""
+        changed; when autograd is on and the active adapters' parameters require grad (training), make their rows
+        differentiable."""
         for layer in self.graded:
             layer.detach()
         self.graded = []
         for adapter, versions in self.watched.items():
             if self._versions(gm, adapter) != versions:
                 self.write(gm, adapter)
-        if training and torch.is_grad_enabled() and any(p.requires_grad for a in active for p in self._params(gm, a)):
+        if torch.is_grad_enabled() and any(p.requires_grad for a in active for p in self._params(gm, a)):
             names = dict.fromkeys(n for a in active for n in self.layers[a])
             self.graded = [road_layers(gm)[layer_key(name)] for name in names]
             for layer in self.graded:
@@ -156,7 +156,7 @@ class AdapterSlots:
         index = self.index(active, adapter_names, adapter_name, batch_size, training)
         if index is None or disabled:
             return None
-        self.sync(gm, active, training)
+        self.sync(gm, active)
         return index
 
     def index(self, active: Sequence[str], adapter_names, adapter_name: str | None, batch_size: int | None,
