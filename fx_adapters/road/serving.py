@@ -93,22 +93,19 @@ class ServingLock:
                     self._cond.notify_all()
 
 
-def exclusive(method: Callable) -> Callable:
-    """Run a method of an object with a ``serving`` ``ServingLock`` while holding it exclusively."""
-    @functools.wraps(method)
-    def run(self, *args, **kwargs):
-        with self.serving.exclusive():
-            return method(self, *args, **kwargs)
-    return run
+def holding(kind: str) -> Callable[[Callable], Callable]:
+    """A decorator running a method of an object with a ``serving`` ``ServingLock`` while holding it ``kind``
+    (``"shared"``: a call; ``"exclusive"``: a change)."""
+    def decorate(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def run(self, *args, **kwargs):
+            with getattr(self.serving, kind)():
+                return method(self, *args, **kwargs)
+        return run
+    return decorate
 
 
-def shared(method: Callable) -> Callable:
-    """Run a method of an object with a ``serving`` ``ServingLock`` while holding it shared (a call)."""
-    @functools.wraps(method)
-    def run(self, *args, **kwargs):
-        with self.serving.shared():
-            return method(self, *args, **kwargs)
-    return run
+exclusive, shared = holding("exclusive"), holding("shared")
 
 
 class ContextFlag:
