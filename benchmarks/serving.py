@@ -32,9 +32,9 @@ def _am(n: int, seconds: list[float] | None = None):
     """An AdaptedModule on the benchmark model with ``n`` random adapters ``a0 …`` (add times into ``seconds``)."""
     import fx_adapters as fxa
 
+    base, config = m.base_model(), fxa.RoadConfig(**m.ROAD)  # built (seeded) before our seed: same a0 every time
     torch.manual_seed(3)
-    config = fxa.RoadConfig(**m.ROAD)
-    am = fxa.compile_with_road(m.base_model(), config, adapter_name="a0").eval()
+    am = fxa.compile_with_road(base, config, adapter_name="a0").eval()
     for i in range(1, n):
         start = time.perf_counter()
         am.add_adapter(f"a{i}", config)
