@@ -125,8 +125,9 @@ class RoadLayer(nn.Module):
             old = self.table(group_size)
             size = grown(old.shape[0], old.shape[0] + 1)
             with writable():
-                new = identity_columns(self.out_features, old.dtype, old.device)[None].repeat(size, 1, 1)
+                new = old.new_empty(size, *old.shape[1:])
                 new[:old.shape[0]] = old
+                new[old.shape[0]:] = identity_columns(self.out_features, old.dtype, old.device)
             self._buffers[table_name(group_size)] = new
             free.extend(range(size - 1, old.shape[0] - 1, -1))
         rows[adapter_id] = row = free.pop()
@@ -141,7 +142,7 @@ class RoadLayer(nn.Module):
     def write(self, adapter: str, adapter_id: int) -> None:
         """Write ``adapter``'s current columns into its row (assigned on the first write) under ``adapter_id``."""
         self.ids[adapter] = adapter_id
-        with writable():
+        with torch.no_grad():
             self._put(self.group_size[adapter], adapter_id, self.columns(adapter))
 
     def write_composed(self, adapter_id: int, names: Sequence[str]) -> None:
