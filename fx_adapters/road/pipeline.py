@@ -3,7 +3,6 @@ on the module's graph, ``generate`` on the prefill and decode graphs of the same
 (``remove_road``), and what lives in the rewritten graph module: each adapter's parameters, which are trainable.
 
 >>> import torch
-from torch import nn
 >>> from torch import nn
 >>> from fx_adapters.graph.match import find_linear_layers
 >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)))
@@ -11,8 +10,8 @@ from torch import nn
 >>> apply_road(gm, [(rotated, 4)], [saved])
 {'_1': 'saved_modules_1'}
 >>> [n.op for n in gm.graph.nodes]  # doctest: +NORMALIZE_WHITESPACE
-['placeholder', 'placeholder', 'call_module', 'get_attr', 'call_function', 'get_attr', 'get_attr', 'call_module',
- 'output']
+['placeholder', 'placeholder', 'call_module', 'get_attr', 'get_attr', 'call_function', 'get_attr', 'get_attr',
+ 'call_module', 'output']
 """
 
 from __future__ import annotations
