@@ -46,6 +46,7 @@ class AdapterSlots:
         self.composed_layers: tuple[str, ...] = ()  # the layers it has rows on
         self.watched: dict[str, tuple[int, ...]] = {}  # adapter -> its parameters' versions at the last write
         self.graded: list[RoadLayer] = []  # layers whose tables a training step made differentiable
+        self.params: dict[str, list[nn.Parameter]] = {}  # adapter -> its road parameters (cache)
 
     # ------------------------------------------------------------------ ids
     def _new_id(self, gm: torch.fx.GraphModule) -> int:
@@ -87,6 +88,7 @@ class AdapterSlots:
             saved_modules(gm)[layer_key(name)].clear_slot(adapter_id)
         del self.layers[adapter]
         self.watched.pop(adapter, None)
+        self.params.pop(adapter, None)
         self.free.append(adapter_id)
 
     def compose(self, gm: torch.fx.GraphModule, active: Sequence[str]) -> None:
@@ -125,8 +127,11 @@ class AdapterSlots:
             self.watched[adapter] = self._versions(gm, adapter)
 
     def _params(self, gm: torch.fx.GraphModule, adapter: str) -> list[nn.Parameter]:
-        layers = [road_layers(gm)[layer_key(name)] for name in self.layers[adapter]]
-        return [p for layer in layers for p in (layer.road_theta[adapter], layer.road_alpha[adapter])]
+        if adapter not in self.params:  # cached: a call reads them for the watched adapters
+            layers = [road_layers(gm)[layer_key(name)] for name in self.layers[adapter]]
+            self.params[adapter] = [p for layer in layers
+                                    for p in (layer.road_theta[adapter], layer.road_alpha[adapter])]
+        return self.params[adapter]
 
     def _versions(self, gm: torch.fx.GraphModule, adapter: str) -> tuple[int, ...]:
         return tuple(p._version if not p.is_inference() else -1 for p in self._params(gm, adapter))
