@@ -201,8 +201,7 @@ class AdaptedModule(CompileMixin, nn.Module):
     # ------------------------------------------------------------------ forward
     def road_input(self, adapter_names: Sequence[str] | None, batch_size: int | None,
                    adapter_name: str | None = None) -> torch.Tensor | None:
-        """The ``road_index`` graph input of a call with ``adapter_names`` / ``adapter_name`` (None: the active
-        adapters), with the rows it selects up to date; raises on names or states a call cannot have."""
+        """The ``road_index`` graph input of a call (``AdapterSlots.road_input``); raises on bad names or states."""
         return self.slots.road_input(self.graph_module, self._active, adapter_names, adapter_name, batch_size,
                                      self.training, self.disabled.get(), self.merge_state)
 
@@ -264,6 +263,7 @@ class AdaptedModule(CompileMixin, nn.Module):
             return
         self.merge_state.unmerge(self.graph_module, exact)
 
+    @shared
     def fold(self, adapter_name: str | Sequence[str] | None = None) -> torch.fx.GraphModule:
         """A standalone ``torch.fx.GraphModule`` computing the model with adapters folded in.
 
@@ -322,6 +322,7 @@ class AdaptedModule(CompileMixin, nn.Module):
                 destination[site].copy_(tensor)
         self.slots.write(self.graph_module, adapter_name)
 
+    @shared
     def save_adapter(self, directory: str | Path, adapter_name: str | None = None) -> Path:
         """Write ``adapter_name`` (default: the active one) as a PEFT adapter directory (exact module paths)."""
         if adapter_name is None:
@@ -333,9 +334,9 @@ class AdaptedModule(CompileMixin, nn.Module):
                                              self._adapter_targets[adapter_name], self._saved[adapter_name],
                                              self.adapter_parameters(adapter_name), self._name_or_path)
 
+    @shared
     def mixed_batch_graph(self) -> tuple[torch.fx.GraphModule, dict[str, int]]:
-        """The unmerged graph serving every adapter by an ``adapter_ids`` input, and its ids; see
-        ``serving_export.py`` (what ``fxa.export(am, path, mixed_batch=True)`` writes)."""
+        """What ``fxa.export(am, path, mixed_batch=True)`` writes, and its ids (``serving_export.py``)."""
         return mixed_batch_graph(self.graph_module, self._captured.out_spec, list(self.peft_config),
                                  self.slots.ids, self.merged_adapters, self._saved)
 
