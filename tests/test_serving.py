@@ -233,3 +233,17 @@ def test_a_deepcopy_gets_its_own_lock_and_tables():
         torch.testing.assert_close(am(x, adapter_names=["a1", "a2"] * 4 + ["a0"]), want, atol=0, rtol=0)
     with clone.disable_adapters(), torch.inference_mode():
         torch.testing.assert_close(clone(x), model(x), atol=1e-6, rtol=0)
+
+
+def test_load_state_dict_rewrites_the_rows_of_adapters_that_are_not_active():
+    import copy
+
+    model, am = adapted(3)
+    other = copy.deepcopy(am)
+    with torch.no_grad():
+        for p in other.adapter_parameters("a2").values():
+            p.add_(0.3)
+    am.load_state_dict(other.state_dict())
+    x = mlp_input()
+    with torch.inference_mode():
+        torch.testing.assert_close(am(x, adapter_name="a2"), expected(other, model, x, ["a2"] * 9), atol=1e-5, rtol=0)

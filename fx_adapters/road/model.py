@@ -65,6 +65,7 @@ class AdaptedModule(CompileMixin, nn.Module):
         self.disabled = ContextFlag()  # per thread / task: disable_adapters()
         self.serving = ServingLock()  # calls share it; what changes adapters or the graph holds it alone
         self.slots = AdapterSlots()
+        self.register_load_state_dict_post_hook(self.slots.loaded)  # every adapter's rows anew after a state load
         self.merge_state = MergeState()
 
     # ------------------------------------------------------------------ adapters

@@ -120,6 +120,11 @@ class AdapterSlots:
         for name in self.composed_layers:
             self._layer(gm, name).write_composed(adapter_id, active)
 
+    def loaded(self, module: nn.Module, _keys) -> None:
+        """After ``module.load_state_dict`` (a hook): every adapter's rows from its parameters as loaded."""
+        for adapter in self.ids:
+            self.write(module.graph_module, adapter)
+
     # ------------------------------------------------------------------ per call
     def watch(self, gm: torch.fx.GraphModule, adapter: str) -> None:
         """Compare ``adapter``'s parameters with their versions at each call from now on."""
