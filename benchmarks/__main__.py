@@ -1,6 +1,7 @@
-"""``python -m benchmarks [--quick] [--json PATH] [--only ROW ...] [--compile] [--threads N] [--plot DIR]``
+"""``python -m benchmarks [--quick] [--json PATH] [--only ROW ...] [--compile] [--aoti] [--threads N] [--plot DIR]``
 
-Issue 7's table: PEFT and fx_adapters on the same random Llama (hidden 512, 4 layers, all 7 projections,
+Issue 7's table (and issue 16's serving rows, ``benchmarks/serving.py``): PEFT and fx_adapters on the same
+random Llama (hidden 512, 4 layers, all 7 projections,
 RoAd group_size 64, batch 16 × seq 64, 2 threads), timed interleaved in one process. Each figure is a
 median ÷ the base model's median from the same run, over the repetitions during which the machine was
 quiet (see ``benchmarks/timing.py``); the lines under the table say how many that was.
@@ -25,7 +26,11 @@ from pathlib import Path
 
 import torch
 
+from . import serving
 from .rows import DEFAULT_ROWS, ROWS, Row, Settings
+
+ROWS = {**ROWS, **serving.ROWS}
+DEFAULT_ROWS = [*DEFAULT_ROWS, *serving.DEFAULT_ROWS]
 
 THREADS = 2
 FULL = Settings(repeats=25, warmup=2, fold_repeats=10, generate_repeats=5, new_tokens=64, patience=3)
@@ -66,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="write medians, ratios and machine info as JSON")
     parser.add_argument("--only", nargs="+", choices=list(ROWS), metavar="ROW", help=f"rows to run: {', '.join(ROWS)}")
     parser.add_argument("--compile", action="store_true", help="add the torch.compile row (slow to compile)")
+    parser.add_argument("--aoti", action="store_true", help="add the AOTInductor rows (minutes of C++ compiling)")
     parser.add_argument("--threads", type=int, default=THREADS, help=f"torch threads (issue 7: {THREADS})")
     parser.add_argument("--repeats", type=int, metavar="N", help="timed repetitions per figure / point (default: 25, "
                         "--quick 4; generate at most 5), busy ones not repeated")
@@ -88,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats:
         settings = dataclasses.replace(settings, repeats=args.repeats, patience=1,
                                        generate_repeats=min(args.repeats, FULL.generate_repeats))
-    names = args.only or ([] if args.plot else [*DEFAULT_ROWS, *(["compile"] if args.compile else [])])
+    extra = [*(["compile"] if args.compile else []), *(["aoti"] if args.aoti else [])]
+    names = args.only or ([] if args.plot else [*DEFAULT_ROWS, *extra])
     started = time.perf_counter()
     rows = {}
     for name in names:

@@ -10,11 +10,12 @@ The method-agnostic compiler is in ``fx_adapters.graph``; each method has a fold
 ['0']
 """
 
-from .export import export
+from .export import adapter_mapping, export
 from .graph.capture import CaptureError
 from .graph.match import Target
 from .road import AdaptedModule, NotInvertibleError, RoadConfig, compile_with_road, fold_weight, unfold, unfold_weight
 from .xlora import XLoraConfig, XLoraModule, compile_with_xlora
 
-__all__ = ["AdaptedModule", "CaptureError", "NotInvertibleError", "RoadConfig", "Target", "compile_with_road", "export",
-           "fold_weight", "unfold", "unfold_weight", "XLoraConfig", "XLoraModule", "compile_with_xlora"]
+__all__ = ["AdaptedModule", "CaptureError", "NotInvertibleError", "RoadConfig", "Target", "adapter_mapping",
+           "compile_with_road", "export", "fold_weight", "unfold", "unfold_weight", "XLoraConfig", "XLoraModule",
+           "compile_with_xlora"]

@@ -13,7 +13,9 @@ True
 from __future__ import annotations
 
 import inspect
+import json
 import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -23,12 +25,13 @@ from torch.fx.experimental.symbolic_shapes import optimization_hint
 from .graph import bnb
 from .graph.match import layer_kind
 from .graph.tags import is_tagged
+from .road.serving_export import ADAPTER_IDS, MAPPING_FILE
 
-__all__ = ["export"]
+__all__ = ["adapter_mapping", "export"]
 
 
 def export(module: torch.nn.Module, path: str | os.PathLike, example_inputs: tuple | None = None,
-           example_kwargs: dict | None = None) -> Path:
+           example_kwargs: dict | None = None, *, mixed_batch: bool = False, aot_inductor: bool = False) -> Path:
     """Write ``module`` with ``torch.export.save`` to ``path`` (returned as a ``Path``).
 
     ``module`` is a folded GraphModule (``am.fold()``, ``fxa.unfold(...)``) or an ``AdaptedModule``, whose
@@ -45,8 +48,31 @@ def export(module: torch.nn.Module, path: str | os.PathLike, example_inputs: tup
     transformers model: ones of the captured example shapes are used); a module captured by symbolic
     tracing needs them, and every dim of its inputs is then exported as ``Dim.AUTO``.
 
+    ``mixed_batch=True`` (an ``AdaptedModule``): the unmerged graph with every adapter's tables, called **by
+    keyword** with the model's inputs and ``adapter_ids``, a ``(batch,)`` int64 tensor (0 = ``__base__``, then
+    the adapters of ``am.adapters`` in order: the file's extra file ``adapters.json``, read with
+    ``torch.export.load(path, extra_files={"adapters.json": ""})``); an id out of range raises. See
+    ``fx_adapters/road/serving_export.py``.
+
+    ``aot_inductor=True``: an AOTInductor package instead (``torch._inductor.aoti_compile_and_package``; takes
+    a minute; CPU needs a C++ compiler), loaded with ``torch._inductor.aoti_load_package(path)`` and called by
+    keyword. It does not check its inputs: pass contiguous tensors of the exported dtypes (int64 ids).
+    With ``mixed_batch=True`` it holds ``adapters.json`` too (``adapter_mapping(path)`` reads it).
+
     A model with bitsandbytes layers cannot be exported (``torch.export`` cannot trace them): ``ValueError``.
     """
+    if mixed_batch:
+        program, extra = _mixed_batch_program(module, example_inputs, example_kwargs)
+    else:
+        program, extra = _folded_program(module, example_inputs, example_kwargs), {}
+    if aot_inductor:
+        return _aot_inductor_package(program, path, extra)
+    torch.export.save(program, path, extra_files=extra)
+    return Path(path)
+
+
+def _folded_program(module: torch.nn.Module, example_inputs: tuple | None, example_kwargs: dict | None
+                    ) -> torch.export.ExportedProgram:
     if not isinstance(module, torch.fx.GraphModule) and callable(getattr(module, "fold", None)):
         _refuse_quantized(module.graph_module)  # a compiled module: export what it folds to
         module = module.fold()
@@ -58,26 +84,81 @@ def export(module: torch.nn.Module, path: str | os.PathLike, example_inputs: tup
     if adapted:
         raise ValueError(f"export: this graph still applies adapters (nodes {adapted[:3]}); pass the AdaptedModule "
                          "or its am.fold()")
+    args, dims = _examples(module, example_inputs, example_kwargs)
+    with torch.no_grad():
+        return torch.export.export(module, tuple(args.values()), dynamic_shapes=tuple(dims.values()), strict=False)
+
+
+def _examples(module: torch.fx.GraphModule, example_inputs: tuple | None, example_kwargs: dict | None,
+              made: dict | None = None) -> tuple[dict, dict]:
+    """Input name -> example and -> dynamic dims for each placeholder of ``module`` (``made``: examples of inputs
+    the caller makes)."""
     try:
         bound = inspect.signature(module.forward).bind_partial(*(example_inputs or ()), **(example_kwargs or {}))
     except TypeError as e:
         raise TypeError(f"export: {e}; the module's inputs are {inspect.signature(module.forward)}") from None
-    args, dims = [], []
+    args, dims = {}, {}
     for node in module.graph.find_nodes(op="placeholder"):
         val = node.meta.get("val")
         example = bound.arguments.get(node.target)
-        if example is None and val is None:
+        if (made or {}).get(node.target) is not None:
+            example, val = made[node.target], None
+            dims[node.target] = {0: Dim.DYNAMIC}
+        elif example is None and val is None:
             raise ValueError(f"export: no example for input {node.target!r} and no shape metadata to make one "
                              "(the model was captured by symbolic tracing); pass example_inputs or example_kwargs")
         if example is None:
             example = torch.ones([optimization_hint(s) for s in val.shape], dtype=val.dtype, device=val.device)
-        args.append(example)
-        dims.append({i: Dim.AUTO for i in range(example.dim())} if val is None else
-                    {i: Dim.DYNAMIC for i, size in enumerate(val.shape) if isinstance(size, torch.SymInt)})
+        args[node.target] = example
+        if node.target not in dims:
+            dims[node.target] = ({i: Dim.AUTO for i in range(example.dim())} if val is None else
+                                 {i: Dim.DYNAMIC for i, size in enumerate(val.shape) if isinstance(size, torch.SymInt)})
+    return args, dims
+
+
+def _mixed_batch_program(module: torch.nn.Module, example_inputs: tuple | None, example_kwargs: dict | None
+                         ) -> tuple[torch.export.ExportedProgram, dict[str, str]]:
+    """The multi-adapter program of an AdaptedModule and its ``adapters.json``."""
+    if not callable(getattr(module, "mixed_batch_graph", None)):
+        raise TypeError(f"export(mixed_batch=True): expected an AdaptedModule (compile_with_road), got "
+                        f"{type(module).__name__}")
+    _refuse_quantized(module.graph_module)
+    graph_module, mapping = module.mixed_batch_graph()
+    first, _ = _examples(graph_module, example_inputs, example_kwargs, {ADAPTER_IDS: torch.zeros(1)})
+    batch = next(t.shape[0] for name, t in first.items() if name != ADAPTER_IDS)
+    if batch < 2:
+        raise ValueError(f"export(mixed_batch=True): the examples have a batch of {batch}; give at least 2 samples "
+                         "so that the batch stays dynamic")
+    ids = torch.arange(batch) % len(mapping)
+    args, dims = _examples(graph_module, example_inputs, example_kwargs, {ADAPTER_IDS: ids})
     with torch.no_grad():
-        program = torch.export.export(module, tuple(args), dynamic_shapes=tuple(dims), strict=False)
-    torch.export.save(program, path)
+        program = torch.export.export(graph_module, (), args, dynamic_shapes=dims, strict=False)
+    return program, {MAPPING_FILE: json.dumps(mapping)}
+
+
+def _aot_inductor_package(program: torch.export.ExportedProgram, path: str | os.PathLike, extra: dict[str, str]
+                          ) -> Path:
+    """Compile ``program`` with AOTInductor into the package ``path``, adding the ``extra`` files to it."""
+    if not os.fspath(path).endswith(".pt2"):
+        raise ValueError(f"export(aot_inductor=True): the package path must end in .pt2, got {os.fspath(path)!r}")
+    import torch._inductor  # noqa: F401  (imported on demand: it is slow to import)
+
+    torch._inductor.aoti_compile_and_package(program, package_path=os.fspath(path))
+    if extra:
+        with zipfile.ZipFile(path, "a") as archive:
+            root = archive.namelist()[0].split("/")[0]
+            for name, text in extra.items():
+                archive.writestr(f"{root}/extra/{name}", text)
     return Path(path)
+
+
+def adapter_mapping(path: str | os.PathLike) -> dict[str, int]:
+    """The ``adapters.json`` of a multi-adapter ``.pt2`` or AOTInductor package: ``{"__base__": 0, name: id}``."""
+    with zipfile.ZipFile(path) as archive:
+        names = [n for n in archive.namelist() if n.endswith(f"/extra/{MAPPING_FILE}")]
+        if not names:
+            raise ValueError(f"{os.fspath(path)}: no {MAPPING_FILE} in it; was it exported with mixed_batch=True?")
+        return json.loads(archive.read(names[0]))
 
 
 def _refuse_quantized(gm: torch.fx.GraphModule) -> None:

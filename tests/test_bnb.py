@@ -452,9 +452,9 @@ def test_inverse_unfold_equals_inverse_unmerge(quantized):
     assert torch.equal(logits(base), expected)
 
 
-@pytest.mark.parametrize("folded", [False, True])
-def test_export_of_a_quantized_model_raises_what_to_do_instead(quantized, folded, tmp_path):
+@pytest.mark.parametrize("how", ["module", "folded", "mixed_batch"])
+def test_export_of_a_quantized_model_raises_what_to_do_instead(quantized, how, tmp_path):
     _, am = quantized("nf4")
     with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.q_proj' is a bitsandbytes Linear4bit.*"
                                          r"load the model without quantization_config"):
-        fxa.export(am.fold() if folded else am, tmp_path / "model.pt2")
+        fxa.export(am.fold() if how == "folded" else am, tmp_path / "model.pt2", mixed_batch=how == "mixed_batch")

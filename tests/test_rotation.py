@@ -101,24 +101,25 @@ def test_identity_columns_leave_output_unchanged():
     torch.testing.assert_close(rotate(y.clone(), identity_columns(8), 4), y, atol=0, rtol=0)
 
 
-def test_road_rotate_gathers_one_row_per_sample():
+def test_road_rotate_gathers_one_row_per_sample_through_the_slot_map():
     table = torch.stack([identity_columns(4), road_columns("road_2", 4, torch.ones(4), torch.full((4,), 2.0))])
+    slot_map = torch.tensor([0, 0, 1])  # adapter id 2 -> row 1; id 1 does not adapt this layer
     y = torch.randn(3, 2, 4)
-    got = road_rotate(y.clone(), table, torch.tensor([1, 0, 1]), 4)
+    got = road_rotate(y.clone(), table, slot_map, torch.tensor([2, 1, 2]), 4)
     torch.testing.assert_close(got[1], y[1])
     torch.testing.assert_close(got[0], _apply_road("road_2", 4, torch.ones(4), torch.full((4,), 2.0), y[0]))
 
 
 def test_road_rotate_without_index_is_the_identity():
     y = torch.randn(2, 4)
-    assert road_rotate(y, torch.zeros(1, 2, 4), None, 4) is y
+    assert road_rotate(y, torch.zeros(1, 2, 4), torch.zeros(1, dtype=torch.long), None, 4) is y
 
 
 def test_road_rotate_computes_in_table_dtype_and_returns_layer_dtype():
     theta, alpha = torch.full((4,), 0.3), torch.full((4,), 1.1)
     table = torch.stack([identity_columns(8), road_columns("road_1", 4, theta, alpha)])
     y = torch.randn(2, 8).to(torch.bfloat16)
-    got = road_rotate(y, table, torch.tensor(1), 4)
+    got = road_rotate(y, table, torch.tensor([0, 1]), torch.tensor(1), 4)
     assert got.dtype == torch.bfloat16
     expected = _apply_road("road_1", 4, theta, alpha, y.float()).to(torch.bfloat16)
     torch.testing.assert_close(got, expected, atol=0, rtol=0)

@@ -14,13 +14,14 @@ from ..graph.graph_module import read_from
 from .captures import road_rewrite
 
 
-def generate_road(am, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+def generate_road(am, *args, adapter_names: Sequence[str] | None = None, adapter_name: str | None = None,
+                 **kwargs):
     """``AdaptedModule.generate``: transformers' ``generate(*args, **kwargs)`` with the active adapter(s), or one
-    adapter name (or ``"__base__"``) per prompt with ``adapter_names``, as ``forward`` (each prompt's beams and
-    returned sequences keep its adapter)."""
+    adapter name (or ``"__base__"``) per prompt with ``adapter_names``, or one for every prompt with ``adapter_name``,
+    as ``forward`` (each prompt's beams and returned sequences keep its adapter)."""
     source = generation.source_of(am)
     generation.check_arguments(source, kwargs)
-    index = am.road_input(adapter_names, generation.batch_size(args, kwargs))
+    index = am.road_input(adapter_names, generation.batch_size(args, kwargs), adapter_name)
     sites, build = road_rewrite(am.graph_module)
 
     def graphs(source: generation.GenerationSource) -> tuple:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from ..graph import generation
 from ..graph.capture import CapturedModel, capture
 from ..graph.captures import Captures
 from ..graph.graph_module import outside_inference_mode
-from ..graph.match import FindLinearLayers, Target, layer_key, output_head
+from ..graph.match import FindLinearLayers, Target, output_head
 from ..graph.passes import run_passes
 from ..graph.signature import SignedForward
 from ..graph.torch_compile import CompileMixin
@@ -38,21 +38,20 @@ from .draw import draw_adapted
 from .fold import Fold
 from .generation import generate_road
 from .merge import MergeState, folded_adapters, saved_copies
-from .modules_to_save import saved_modules
-from .pipeline import adapter_tensors, add_parameters, apply_road, layer_folds, remove_road, set_trainable
-from .rewrite import OrderRoadRotations, road_layers, rotation_orders
-from .slots import TableCache, road_index, slots_of
+from .pipeline import adapter_tensors, add_parameters, apply_road, drop_adapter, layer_folds, set_trainable
+from .rewrite import OrderRoadRotations, rotation_orders
+from .serving import ContextFlag, ServingLock, exclusive, shared
+from .serving_export import mixed_batch_graph
+from .slots import AdapterSlots
 from .targets import select_layers
 
 
 class AdaptedModule(CompileMixin, nn.Module):
-    """A captured model whose graph applies RoAd adapters; call it like the original model.
-
-    Takes the model's inputs (``inspect.signature(am.forward)``; each call signature is captured on first use, see
-    ``graph.captures``), plus ``adapter_names`` (one adapter name or ``"__base__"`` per sample) for mixed batches.
-    While adapters are merged, forward computes with the merged weights and no rotation (whatever adapter is
-    active); passing ``adapter_names`` or running under ``disable_adapters()`` raises until ``unmerge()``.
-    """
+    """A captured model whose graph applies RoAd adapters; call it like the original model, with its inputs (each
+    call signature is captured on first use: ``graph.captures``) plus ``adapter_names`` (one adapter name or
+    ``"__base__"`` per sample) or ``adapter_name`` (one for the batch). Calls are thread-safe, also while other
+    threads change adapters (``serving.py``). While adapters are merged, forward runs the merged weights; passing
+    ``adapter_names`` or running under ``disable_adapters()`` raises until ``unmerge()``."""
 
     accepts_loss_kwargs = False  # transformers' Trainer: the loss is the model's own, unscaled
 
@@ -67,12 +66,13 @@ class AdaptedModule(CompileMixin, nn.Module):
         self._adapter_targets: dict[str, tuple[str, ...]] = {}
         self._saved: dict[str, tuple[str, ...]] = {}  # adapter -> linear layers it keeps a copy of
         self._active: list[str] = []
-        self._disabled = False
-        self._tables = TableCache()
+        self.disabled = ContextFlag()  # per thread / task: disable_adapters()
+        self.serving = ServingLock()  # calls share it; what changes adapters or the graph holds it alone
+        self.slots = AdapterSlots()
+        self.register_load_state_dict_post_hook(self.slots.loaded)  # every adapter's rows anew after a state load
         self.merge_state = MergeState()
         self.captures = Captures(captured, None, torch.float32, torch.device("cpu"))  # compile_with_road: Captures.of
 
-    # ------------------------------------------------------------------ adapters
     @property
     def adapters(self) -> dict[str, RoadConfig]:
         """Adapter name → its config, in slot order."""
@@ -81,9 +81,7 @@ class AdaptedModule(CompileMixin, nn.Module):
     @property
     def active_adapter(self) -> str | list[str] | None:
         """The active adapter's name (a list when several are active, None when there is none), as PEFT."""
-        if len(self._active) > 1:
-            return list(self._active)
-        return self._active[0] if self._active else None
+        return list(self._active) if len(self._active) > 1 else self._active[0] if self._active else None
 
     @property
     def active_adapters(self) -> list[str]:
@@ -115,6 +113,7 @@ class AdaptedModule(CompileMixin, nn.Module):
         ``road_theta`` / ``road_alpha`` per rotated layer, and the ``weight`` / ``bias`` of its ``modules_to_save``
         copies. The parameters themselves (train them, or write them under ``torch.no_grad()``)."""
         self._check_known(adapter_name, "adapter_parameters")
+        self.slots.watch(self.graph_module, adapter_name)  # it may be written: compare its versions at each call
         return adapter_tensors(self.graph_module, adapter_name, self._adapter_targets[adapter_name],
                                self._saved[adapter_name])
 
@@ -122,6 +121,7 @@ class AdaptedModule(CompileMixin, nn.Module):
         return select_layers(adapter_name, config, list(self._layers.values()), rotated_by=self._adapter_targets,
                              saved_by=self._saved, model_type=self._model_type, output_head=self._output_head)
 
+    @exclusive
     def add_adapter(self, adapter_name: str, config: RoadConfig) -> None:
         """Add an adapter (not active, not trainable until ``set_adapter``), rewriting layers it newly targets."""
         if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE or "." in adapter_name:
@@ -136,12 +136,14 @@ class AdaptedModule(CompileMixin, nn.Module):
         self.peft_config[adapter_name] = config
         self._adapter_targets[adapter_name] = tuple(t.name for t in targets)
         self._saved[adapter_name] = tuple(t.name for t in saved)
-        self._tables.changed()
+        self.slots.assign(self.graph_module, adapter_name, *(self._adapter_targets[adapter_name],
+                                                             self._saved[adapter_name]))
         if not self._active:
             self.set_adapter(adapter_name)
         else:
-            set_trainable(self.graph_module, self._active)
+            set_trainable(self.graph_module, self._active, adapter_name)
 
+    @exclusive
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Activate one adapter, or several applied in the given order on each layer (R_last ··· R_first).
 
@@ -164,30 +166,25 @@ class AdaptedModule(CompileMixin, nn.Module):
             run_passes(self.graph_module, [OrderRoadRotations(orders)])
         self._active = names
         set_trainable(self.graph_module, self._active)
-        self._tables.changed()
+        self.slots.compose(self.graph_module, names)
 
+    @exclusive
     def delete_adapter(self, adapter_name: str) -> None:
         """Delete an adapter; rotations and ``modules_to_save`` nodes that no remaining adapter needs leave the
         graph (a layer no adapter saves any more is called as in the captured graph again)."""
         self._check_known(adapter_name, "delete_adapter")
-        layers = road_layers(self.graph_module)
-        for name in self._adapter_targets.pop(adapter_name):
-            layers[layer_key(name)].remove_adapter(adapter_name)
-        for name in self._saved[adapter_name]:
-            saved_modules(self.graph_module)[layer_key(name)].remove_copy(adapter_name)
+        self.slots.release(self.graph_module, adapter_name)
+        renamed, unsaved = drop_adapter(self.graph_module, adapter_name, self._adapter_targets.pop(adapter_name),
+                                        [self._layers[n] for n in self._saved.pop(adapter_name)])
         del self.peft_config[adapter_name]
-        still_saved = {name for a, names in self._saved.items() if a != adapter_name for name in names}
-        unsaved = [self._layers[n] for n in self._saved.pop(adapter_name) if n not in still_saved]
-        keep = {(name, cfg.group_size) for a, cfg in self.peft_config.items() for name in self._adapter_targets[a]}
-        renamed = remove_road(self.graph_module, keep, unsaved)
         for t in unsaved:
             self._layers[t.name] = replace(t, nodes=tuple(renamed.get(n, n) for n in t.nodes))
-        self._tables.changed()
         if adapter_name in self._active:
             self._active.remove(adapter_name)
             if not self._active and self.peft_config:
                 self._active = [next(iter(self.peft_config))]
             set_trainable(self.graph_module, self._active)
+            self.slots.compose(self.graph_module, self._active)
 
     def _adapter_list(self, adapter_name: str | Sequence[str] | None, where: str) -> list[str]:
         names = list(self._active) if adapter_name is None else (
@@ -202,38 +199,29 @@ class AdaptedModule(CompileMixin, nn.Module):
         if adapter_name not in self.peft_config:
             raise ValueError(f"{where}: unknown adapter {adapter_name!r}; known adapters: {list(self.peft_config)}")
 
-    @contextlib.contextmanager
-    def disable_adapters(self) -> Iterator[None]:
-        """Within the block the module computes the base model."""
-        previous, self._disabled = self._disabled, True
-        try:
-            yield
-        finally:
-            self._disabled = previous
+    def disable_adapters(self) -> contextlib.AbstractContextManager[None]:
+        """Within the block the module computes the base model: in this thread or asyncio task only."""
+        return self.disabled.set(True)
 
-    def road_input(self, adapter_names: Sequence[str] | None, batch_size: int | None) -> torch.Tensor | None:
-        """The ``road_index`` graph input of a call with ``adapter_names`` (None: the active adapters), with the
-        tables it selects from brought up to date; raises on names or states a call cannot have."""
-        if self.merge_state.runs_merged(adapter_names, self._disabled):
-            return None  # the merged weights, no rotation
-        slots = slots_of(self.peft_config)
-        index = road_index(slots, self._active, adapter_names, batch_size, self.training)
-        if index is None or self._disabled:
-            return None
-        self._tables.refresh(list(road_layers(self.graph_module).values()),
-                             list(saved_modules(self.graph_module).values()), slots, self._active)
-        return index
+    def road_input(self, adapter_names: Sequence[str] | None, batch_size: int | None,
+                   adapter_name: str | None = None) -> torch.Tensor | None:
+        """The ``road_index`` graph input of a call (``AdapterSlots.road_input``); raises on bad names or states."""
+        return self.slots.road_input(self.graph_module, self._active, adapter_names, adapter_name, batch_size,
+                                     self.training, self.disabled.get(), self.merge_state)
 
-    def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+    @shared
+    def forward(self, *args, adapter_names: Sequence[str] | None = None, adapter_name: str | None = None, **kwargs):
         signature, values = self.captures.signature(self, args, kwargs)
-        index = self.road_input(adapter_names, next((v.shape[0] for v in values.values() if torch.is_tensor(v)), None))
+        batch = next((v.shape[0] for v in values.values() if torch.is_tensor(v)), None)
+        index = self.road_input(adapter_names, batch, adapter_name)
         graph = self._graph_to_call() if signature == self.captures.primary else self.captures.graph(
             signature, values, *road_rewrite(self.graph_module), self.graph_module)
         return self.captures.call(signature, graph, values, extra=(index,))
 
-    def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
-        """transformers' ``generate`` with a KV cache (``adapter_names``: one per prompt); ``graph.generation``."""
-        return generate_road(self, *args, adapter_names=adapter_names, **kwargs)
+    @shared
+    def generate(self, *args, adapter_names: Sequence[str] | None = None, adapter_name: str | None = None, **kwargs):
+        """transformers' ``generate`` with a KV cache (``adapter_names`` / ``adapter_name`` as in ``forward``)."""
+        return generate_road(self, *args, adapter_names=adapter_names, adapter_name=adapter_name, **kwargs)
 
     draw = draw_adapted  # am.draw(path, layer=None): the layer before and after the rewrite (road/draw.py)
 
@@ -255,6 +243,7 @@ class AdaptedModule(CompileMixin, nn.Module):
     def _saved_copies(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
         return saved_copies(self.adapter_parameters(name) for name in names)
 
+    @exclusive
     def merge(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Merge adapters (default: the active one) into the weights, in the given order.
 
@@ -267,6 +256,7 @@ class AdaptedModule(CompileMixin, nn.Module):
         names = self._adapter_list(list(adapter_names) if adapter_names is not None else None, "merge")
         self.merge_state.merge(self.graph_module, names, self.folds, self._saved_copies, safe_merge)
 
+    @exclusive
     def unmerge(self, exact: bool = True) -> None:
         """Undo every merge, last first, by the inverse of the rotations merged (their ``(2, out)`` columns are
         kept from merge time: later changes to the adapter parameters do not matter).
@@ -280,6 +270,7 @@ class AdaptedModule(CompileMixin, nn.Module):
             return
         self.merge_state.unmerge(self.graph_module, exact)
 
+    @shared
     def fold(self, adapter_name: str | Sequence[str] | None = None) -> torch.fx.GraphModule:
         """A standalone ``torch.fx.GraphModule`` computing the model with adapters folded in.
 
@@ -307,6 +298,7 @@ class AdaptedModule(CompileMixin, nn.Module):
         inverse = [fold.inverse(exact) for name in reversed(names) for fold in reversed(self.folds(name))]
         return self.merge_state.unfold(folded, names, inverse)
 
+    @exclusive
     def load_adapter(self, path_or_state_dict: str | Path | Mapping[str, torch.Tensor], adapter_name: str = "default",
                      config: RoadConfig | None = None) -> None:
         """Load a PEFT RoAd adapter (a directory or its state dict) into ``adapter_name``.
@@ -329,12 +321,14 @@ class AdaptedModule(CompileMixin, nn.Module):
         values = checkpoint.check_checkpoint(state, checkpoint.expected_shapes(config, targets, saved), config, source)
         if adapter_name not in self.peft_config:
             self.add_adapter(adapter_name, config)
-        destination = self.adapter_parameters(adapter_name)
+        destination = adapter_tensors(self.graph_module, adapter_name, self._adapter_targets[adapter_name],
+                                      self._saved[adapter_name])
         with torch.no_grad():
             for site, tensor in values.items():
                 destination[site].copy_(tensor)
-        self._tables.changed()
+        self.slots.write(self.graph_module, adapter_name)
 
+    @shared
     def save_adapter(self, directory: str | Path, adapter_name: str | None = None) -> Path:
         """Write ``adapter_name`` (default: the active one) as a PEFT adapter directory (exact module paths)."""
         if adapter_name is None:
@@ -345,6 +339,12 @@ class AdaptedModule(CompileMixin, nn.Module):
         return checkpoint.write_road_adapter(directory, self.peft_config[adapter_name],
                                              self._adapter_targets[adapter_name], self._saved[adapter_name],
                                              self.adapter_parameters(adapter_name), self._name_or_path)
+
+    @shared
+    def mixed_batch_graph(self) -> tuple[torch.fx.GraphModule, dict[str, int]]:
+        """What ``fxa.export(am, path, mixed_batch=True)`` writes, and its ids (``serving_export.py``)."""
+        return mixed_batch_graph(self.graph_module, self._captured.out_spec, list(self.peft_config),
+                                 self.slots.ids, self.merged_adapters, self._saved)
 
 
 @outside_inference_mode

@@ -19,7 +19,7 @@ the layer itself). A mixed batch runs each copy present in the batch on its samp
 >>> layer = SavedLinear()
 >>> w, b = torch.ones(2, 3), torch.zeros(2)
 >>> layer.add_copy("a", w, b)
->>> layer.set_slots({"a": 1})
+>>> layer.set_slot(1, "a")
 >>> with torch.no_grad():
 ...     _ = layer.weight["a"].mul_(2)
 >>> x = torch.ones(2, 3)
@@ -29,7 +29,7 @@ the layer itself). A mixed batch runs each copy present in the batch on its samp
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -69,16 +69,12 @@ class SavedLinear(nn.Module):
         if adapter in self.bias:
             del self.bias[adapter]
 
-    def set_slots(self, slots: Mapping[str, int], composed: Sequence[str] = ()) -> None:
-        """Which slot of ``road_index`` selects which adapter's copy (slots without a copy use the layer).
+    def set_slot(self, adapter_id: int, adapter: str) -> None:
+        """Adapter id ``adapter_id`` (``road_index``) selects ``adapter``'s copy (ids without one use the layer)."""
+        self.by_slot[adapter_id] = adapter
 
-        With ``composed`` (several active adapters) the slot after the last one is theirs: the copy of the
-        one among them that has a copy.
-        """
-        self.by_slot = {slot: name for name, slot in slots.items() if name in self.weight}
-        owner = next((name for name in composed if name in self.weight), None)
-        if owner is not None:
-            self.by_slot[max(slots.values()) + 1] = owner
+    def clear_slot(self, adapter_id: int) -> None:
+        self.by_slot.pop(adapter_id, None)
 
     def _params(self, name: str | None, weight, bias):
         if name is None:
@@ -93,13 +89,12 @@ class SavedLinear(nn.Module):
         out = F.linear(x, weight, bias)
         rows_in = x.reshape(index.shape[0], -1, x.shape[-1])  # batch-major, like road_rotate
         rows_out = out.view(index.shape[0], -1, out.shape[-1])
-        for slot, name in self.by_slot.items():
-            picked = index == slot
-            if picked.any():
+        for slot in index.unique().tolist():  # the ids in the batch, not every adapter
+            name = self.by_slot.get(slot)
+            if name is not None:
+                picked = index == slot
                 rows_out[picked] = F.linear(rows_in[picked], *self._params(name, weight, bias))
         return out
-
-
 
 
 def saved_modules(gm: torch.fx.GraphModule) -> nn.ModuleDict:

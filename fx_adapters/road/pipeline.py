@@ -10,8 +10,8 @@ on the module's graph, ``generate`` on the prefill and decode graphs of the same
 >>> apply_road(gm, [(rotated, 4)], [saved])
 {'_1': 'saved_modules_1'}
 >>> [n.op for n in gm.graph.nodes]  # doctest: +NORMALIZE_WHITESPACE
-['placeholder', 'placeholder', 'call_module', 'get_attr', 'call_function', 'get_attr', 'get_attr', 'call_module',
- 'output']
+['placeholder', 'placeholder', 'call_module', 'get_attr', 'get_attr', 'call_function', 'get_attr', 'get_attr',
+ 'call_module', 'output']
 """
 
 from __future__ import annotations
@@ -24,20 +24,28 @@ from torch import nn
 from ..graph.graph_module import outside_inference_mode
 from ..graph.match import Target, layer_key
 from ..graph.passes import run_passes
+from ..graph.tags import tagged
 from .fold import Fold
-from .modules_to_save import SaveLinearLayers, UnsaveLinearLayers, saved_modules
-from .rewrite import InsertRoadRotations, RemoveRoadRotations, road_layers
+from .modules_to_save import SavedTag, SaveLinearLayers, UnsaveLinearLayers, saved_modules
+from .rewrite import InsertRoadRotations, RemoveRoadRotations, road_layers, rotations
 
 ROAD_PARAMS = ("road_theta", "road_alpha")  # an adapter's parameters on each layer it rotates, PEFT's names
 
 
 @outside_inference_mode
-def apply_road(gm: torch.fx.GraphModule, rotations: Sequence[tuple[Target, int]], saved: Sequence[Target]
+def apply_road(gm: torch.fx.GraphModule, sites: Sequence[tuple[Target, int]], saved: Sequence[Target]
                ) -> dict[str, str]:
-    """Rotate each ``(layer, group size)`` of ``rotations`` and route each ``saved`` layer through its
-    ``modules_to_save`` copies (both idempotent); returns the saved layers' renamed nodes (old -> new name)."""
+    """Rotate each ``(layer, group size)`` of ``sites`` and route each ``saved`` layer through its
+    ``modules_to_save`` copies (both idempotent: when the graph has them all, it is not touched, so adding an
+    adapter to layers other adapters rotate costs no recompile); returns the saved layers' renamed nodes."""
+    present = {(tag.layer, tag.group_size) for _, tag in rotations(gm.graph)}
+    saved_present = {tag.layer for _, tag in tagged(gm.graph, SavedTag)}
+    sites = [(t, g) for t, g in sites if (t.name, g) not in present]
+    saved = [t for t in saved if t.name not in saved_present]
+    if not sites and not saved:
+        return {}
     save = SaveLinearLayers(saved)
-    run_passes(gm, [InsertRoadRotations(rotations), save])
+    run_passes(gm, [InsertRoadRotations(sites), save])
     return save.renamed
 
 
@@ -65,6 +73,30 @@ def remove_road(gm: torch.fx.GraphModule, keep: Collection[tuple[str, int]], uns
     return unsave.renamed
 
 
+def drop_adapter(gm: torch.fx.GraphModule, adapter: str, rotated: Sequence[str], saved: Sequence[Target]
+                 ) -> tuple[dict[str, str], list[Target]]:
+    """Delete ``adapter``'s parameters from its ``rotated`` layers and its copies of the ``saved`` ones, and the
+    rotations and ``modules_to_save`` nodes no other adapter needs (O(its layers), whatever the number of adapters).
+    Returns the renamed nodes of the layers no adapter saves any more, and those layers."""
+    layers, copies = road_layers(gm), saved_modules(gm)
+    drop = set()
+    for name in rotated:
+        layer = layers[layer_key(name)]
+        group_size = layer.group_size[adapter]
+        layer.remove_adapter(adapter)
+        if group_size not in layer.group_size.values():
+            drop.add((name, group_size))
+    unsaved = []
+    for t in saved:
+        copies[layer_key(t.name)].remove_copy(adapter)
+        if not len(copies[layer_key(t.name)].weight):
+            unsaved.append(t)
+    if not drop and not unsaved:
+        return {}, []
+    keep = {(tag.layer, tag.group_size) for _, tag in rotations(gm.graph)} - drop
+    return remove_road(gm, keep, unsaved), unsaved
+
+
 def adapter_tensors(gm: torch.fx.GraphModule, adapter: str, rotated: Sequence[str], saved: Sequence[str]
                     ) -> dict[tuple[str, str], nn.Parameter]:
     """``(module path, PEFT parameter name) -> parameter`` of ``adapter``: ``road_theta`` / ``road_alpha`` on each
@@ -87,12 +119,13 @@ def layer_folds(gm: torch.fx.GraphModule, adapter: str, rotated: Sequence[Target
         return tuple(Fold(t, layers[layer_key(t.name)].columns(adapter), group_size, adapter) for t in rotated)
 
 
-def set_trainable(gm: torch.fx.GraphModule, active: Collection[str]) -> None:
-    """Only the ``active`` adapters' parameters require grad, as in PEFT."""
+def set_trainable(gm: torch.fx.GraphModule, active: Collection[str], only: str | None = None) -> None:
+    """Only the ``active`` adapters' parameters require grad, as in PEFT (with ``only``: set just that adapter's)."""
     for layer in road_layers(gm).values():
-        for name in layer.road_theta:
+        for name in layer.road_theta if only is None else [only] if only in layer.road_theta else []:
             layer.road_theta[name].requires_grad_(name in active)
             layer.road_alpha[name].requires_grad_(name in active)
     for module in saved_modules(gm).values():
         for name, p in (*module.weight.items(), *module.bias.items()):
-            p.requires_grad_(name in active)
+            if only is None or name == only:
+                p.requires_grad_(name in active)

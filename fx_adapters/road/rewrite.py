@@ -4,10 +4,12 @@ the rotations of several composed adapters (``rotation_orders`` says which order
 For a target ``model.layers.0.self_attn.q_proj`` with group size 64 the graph gains::
 
     table = get_attr[road_adapters.model__layers__0__self_attn__q_proj.table_g64]
-    rotated = call_function[road_rotate](linear, table, road_index, 64)
+    slot_map = get_attr[road_adapters.model__layers__0__self_attn__q_proj.slots_g64]
+    rotated = call_function[road_rotate](linear, table, slot_map, road_index, 64)
 
 and every former user of ``linear`` reads ``rotated``. ``road_index`` is one extra graph input shared by all
-rotations (a slot per sample, one slot for the batch, or None when adapters are disabled). The pass is
+rotations (an adapter id per sample, one id for the batch, or None when adapters are disabled); the tables and
+slot maps are read as attributes of the graph module, so several graphs of one model share them. The pass is
 idempotent: a (layer, group size) that already has its rotation is left alone.
 
 >>> import torch
@@ -17,7 +19,7 @@ idempotent: a (layer, group size) that already has its rotation is left alone.
 >>> (target,) = find_linear_layers(gm, {"0": nn.Linear})
 >>> result = InsertRoadRotations([(target, 4)])(gm)
 >>> [n.name for n in result.graph_module.graph.nodes]
-['input_1', 'road_index', '_0', 'road_adapters_0_table_g4', 'road_rotate', 'output']
+['input_1', 'road_index', '_0', 'road_adapters_0_table_g4', 'road_adapters_0_slots_g4', 'road_rotate', 'output']
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..graph.match import Target, layer_key
 from ..graph.tags import Tag, set_tag, tag_of, tagged
-from .layer import RoadLayer
+from .layer import RoadLayer, slots_name
 from .rotation import road_rotate
 
 ADAPTERS_ATTR = "road_adapters"
@@ -101,9 +103,11 @@ class InsertRoadRotations(PassBase):
                 with graph.inserting_after(end):
                     table = graph.get_attr(table_attr)
                 with graph.inserting_after(table):
-                    rotated = graph.call_function(road_rotate, (end, table, index, group_size))
+                    slot_map = graph.get_attr(f"{ADAPTERS_ATTR}.{key}.{slots_name(group_size)}")
+                with graph.inserting_after(slot_map):
+                    rotated = graph.call_function(road_rotate, (end, table, slot_map, index, group_size))
                 end.replace_all_uses_with(rotated, delete_user_cb=lambda user, new=rotated: user is not new)
-                for new in (table, rotated):
+                for new in (table, slot_map, rotated):
                     set_tag(new, RotationTag(target.name, group_size))
                     if "nn_module_stack" in end.meta:
                         new.meta["nn_module_stack"] = end.meta["nn_module_stack"]
@@ -127,10 +131,11 @@ class RemoveRoadRotations(PassBase):
         for node, tag in rotations(graph):
             if (tag.layer, tag.group_size) in self.keep:
                 continue
-            source, table = node.args[0], node.args[1]
+            source, table, slot_map = node.args[:3]
             node.replace_all_uses_with(source)
             graph.erase_node(node)
             graph.erase_node(table)
+            graph.erase_node(slot_map)
             layer = layers[layer_key(tag.layer)]
             layer.drop_table(tag.group_size)
             if not layer.group_sizes():
@@ -156,17 +161,18 @@ class OrderRoadRotations(PassBase):
             layer, chain = tag.layer, [node]
             while len(chain[-1].users) == 1 and _is_rotation_of(next(iter(chain[-1].users)), layer):
                 chain.append(next(iter(chain[-1].users)))
-            tables = {rotation.args[3]: rotation.args[1] for rotation in chain}
+            tables = {rotation.args[4]: rotation.args[1:3] for rotation in chain}  # group size -> (table, slot map)
             wanted = self.orders[layer]
             if sorted(wanted) != sorted(tables):
                 raise ValueError(f"layer {layer!r}: cannot order its rotations of group sizes {list(tables)} as "
                                  f"{wanted}")
             if wanted == list(tables):
                 continue
-            for table in tables.values():  # read every table before the chain's first rotation
+            for table, slot_map in tables.values():  # read every table before the chain's first rotation
                 node.prepend(table)
+                node.prepend(slot_map)
             for rotation, group_size in zip(chain, wanted):
-                rotation.args = (rotation.args[0], tables[group_size], rotation.args[2], group_size)
+                rotation.args = (rotation.args[0], *tables[group_size], rotation.args[3], group_size)
                 set_tag(rotation, RotationTag(layer, group_size))
             modified = True
         return PassResult(graph_module, modified)

@@ -111,21 +111,23 @@ def rotate(y: torch.Tensor, cols: torch.Tensor, group_size: int, out: torch.Tens
     return out
 
 
-def road_rotate(y: torch.Tensor, table: torch.Tensor, index: torch.Tensor | None, group_size: int) -> torch.Tensor:
+def road_rotate(y: torch.Tensor, table: torch.Tensor, slot_map: torch.Tensor, index: torch.Tensor | None,
+                group_size: int) -> torch.Tensor:
     """The graph op inserted after each adapted layer.
 
-    ``table`` is ``(slots, 2, out)``: one row of columns per adapter slot, slot 0 the identity.
-    ``index`` is a 0-dim slot index (one adapter for the whole batch), a ``(batch,)`` tensor (one adapter
-    per sample: a single gather, no loop over adapters; dim 0 of ``y`` is batch-major) or ``None``
-    (adapters disabled). ``y`` is the
-    layer's fresh output; it is rotated in place when autograd does not need it.
+    ``table`` is ``(rows, 2, out)``: one row of columns per adapter of this layer, row 0 the identity;
+    ``slot_map`` maps an adapter id to its row (0 for adapters that do not adapt this layer).
+    ``index`` is a 0-dim adapter id (one adapter for the whole batch), a ``(batch,)`` tensor of ids (one adapter
+    per sample: a single gather, no loop over adapters; dim 0 of ``y`` is batch-major) or ``None`` (adapters
+    disabled). ``y`` is the layer's fresh output; it is rotated in place when autograd does not need it.
     """
     if index is None:
         return y
     if index.dim() == 0 and not torch.compiler.is_compiling():
-        cols = table[int(index)]  # a view; inductor cannot trace the .item() this needs
+        cols = table[int(slot_map[int(index)])]  # a view; inductor cannot trace the .item() this needs
     else:
-        cols = table.index_select(0, index.reshape(-1))
+        rows = slot_map.index_select(0, index.reshape(-1).to(slot_map.device))
+        cols = table.index_select(0, rows)
         cols = cols.squeeze(0) if index.dim() == 0 else cols
     x = y.to(table.dtype)  # adapters compute in their own dtype (fp32 on a bf16 model), as PEFT does
     if index.dim() == 1:  # one row per sample; layers that fold the batch into dim 0 (OPT's MLP) work too
