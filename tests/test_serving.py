@@ -217,6 +217,38 @@ def test_deleting_an_adapter_another_thread_calls_never_gives_it_another_adapter
     assert results and all(results)
 
 
+@pytest.mark.parametrize("switch", ["set_adapter", "merge", "unmerge"])
+def test_module_wide_switches_refuse_while_other_threads_are_in_calls_and_change_nothing(switch):
+    model, am = adapted(2)
+    x = mlp_input()
+    if switch == "unmerge":
+        am.merge()
+    with torch.no_grad():
+        before = am(x)
+    inside, leave = threading.Event(), threading.Event()
+
+    def call_in_flight():  # what every call holds while it runs
+        with am.serving.shared():
+            inside.set()
+            leave.wait(30)
+
+    thread = threading.Thread(target=call_in_flight)
+    thread.start()
+    inside.wait(30)
+    try:
+        with pytest.raises(RuntimeError, match=rf"{switch}: 1 call\(s\) of this module are running in other threads.*"
+                                               "adapter_name= / adapter_names= per call"):
+            getattr(am, switch)(*(["a1"] if switch == "set_adapter" else []))
+    finally:
+        leave.set()
+        thread.join()
+    with torch.no_grad():
+        assert torch.equal(am(x), before)
+    assert am.active_adapters == ["a0"] and am.merged == (switch == "unmerge")
+    getattr(am, switch)(*(["a1"] if switch == "set_adapter" else []))  # between calls it runs
+    assert am.active_adapters == (["a1"] if switch == "set_adapter" else ["a0"])
+
+
 def test_a_deepcopy_gets_its_own_lock_and_tables():
     import copy
 

@@ -40,7 +40,7 @@ from .generation import generate_road
 from .merge import MergeState, folded_adapters, saved_copies
 from .pipeline import adapter_tensors, add_parameters, apply_road, drop_adapter, layer_folds, set_trainable
 from .rewrite import OrderRoadRotations, rotation_orders
-from .serving import ContextFlag, ServingLock, exclusive, shared
+from .serving import ContextFlag, ServingLock, exclusive, shared, switch
 from .serving_export import mixed_batch_graph
 from .slots import AdapterSlots
 from .targets import select_layers
@@ -143,7 +143,7 @@ class AdaptedModule(CompileMixin, nn.Module):
         else:
             set_trainable(self.graph_module, self._active, adapter_name)
 
-    @exclusive
+    @switch
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Activate one adapter, or several applied in the given order on each layer (R_last ··· R_first).
 
@@ -243,7 +243,7 @@ class AdaptedModule(CompileMixin, nn.Module):
     def _saved_copies(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
         return saved_copies(self.adapter_parameters(name) for name in names)
 
-    @exclusive
+    @switch
     def merge(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Merge adapters (default: the active one) into the weights, in the given order.
 
@@ -256,7 +256,7 @@ class AdaptedModule(CompileMixin, nn.Module):
         names = self._adapter_list(list(adapter_names) if adapter_names is not None else None, "merge")
         self.merge_state.merge(self.graph_module, names, self.folds, self._saved_copies, safe_merge)
 
-    @exclusive
+    @switch
     def unmerge(self, exact: bool = True) -> None:
         """Undo every merge, last first, by the inverse of the rotations merged (their ``(2, out)`` columns are
         kept from merge time: later changes to the adapter parameters do not matter).

@@ -1,10 +1,13 @@
 """What makes an ``AdaptedModule`` safe to serve from several threads (or asyncio tasks) at once.
 
 - ``ServingLock``: calls hold it shared for their whole run (so many run at once), what changes the adapters or
-  the graph (``add_adapter``, ``load_adapter``, ``delete_adapter``, ``set_adapter``, ``merge``, ``unmerge``)
-  holds it exclusively: it waits for the running calls, and calls wait for it. So a call never sees an adapter
-  half added, a row of a deleted adapter reused by another, or half-merged weights: it runs with the adapters
-  as they were when it started. Re-entrant in one thread; waiting writers go first (no starvation).
+  the graph (``add_adapter``, ``load_adapter``, ``delete_adapter``) holds it exclusively: it waits for the running
+  calls, and calls wait for it. So a call never sees an adapter half added, a row of a deleted adapter reused by
+  another, or half-merged weights: it runs with the adapters as they were when it started. Re-entrant in one
+  thread; waiting writers go first (no starvation). The module-wide switches (``set_adapter``, ``merge``,
+  ``unmerge``), which change what every caller's next call computes, hold it as a ``switch``: exclusively, but
+  they refuse with a ``RuntimeError`` while calls are running in other threads, instead of silently changing
+  those callers' defaults between two of their calls (servers pass ``adapter_name(s)`` per call).
 - ``ContextFlag``: a per-context boolean (``contextvars``): ``disable_adapters()`` in one thread or task does not
   disable the module for the others, and leaves nothing behind however the blocks interleave.
 
@@ -15,6 +18,11 @@ Both pickle and deepcopy as new, unlocked objects.
 ...     pass
 >>> with lock.exclusive(), lock.shared():  # the writer itself may call
 ...     pass
+>>> with lock.shared(), lock.exclusive("set_adapter"):  # doctest: +ELLIPSIS
+...     pass  # a change from inside a call of the same thread
+Traceback (most recent call last):
+...
+RuntimeError: set_adapter: cannot change the adapters from inside a call of the same module ...
 >>> flag = ContextFlag()
 >>> with flag.set(True):
 ...     flag.get()
@@ -69,13 +77,20 @@ class ServingLock:
                     self._cond.notify_all()
 
     @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
+    def exclusive(self, what: str = "", refuse_running_calls: bool = False) -> Iterator[None]:
+        """Held alone; ``refuse_running_calls``: raise instead of waiting while other threads are in calls."""
         me = threading.get_ident()
+        where = f"{what}: " if what else ""
         with self._cond:
             if self._writer != me:
                 if me in self._readers:
-                    raise RuntimeError("cannot add, delete, load, set or merge adapters from inside a call of the "
-                                       "same module (e.g. a forward hook); do it between calls")
+                    raise RuntimeError(f"{where}cannot change the adapters from inside a call of the same module "
+                                       "(e.g. a forward hook); do it between calls")
+                if refuse_running_calls and self._readers:
+                    raise RuntimeError(
+                        f"{where}{sum(self._readers.values())} call(s) of this module are running in other threads; "
+                        "it changes what every caller computes, so it does not run while calls do: call it between "
+                        "calls, or pass adapter_name= / adapter_names= per call instead (nothing was changed)")
                 self._waiting_writers += 1
                 try:
                     self._cond.wait_for(lambda: self._writer is None and not self._readers)
@@ -93,19 +108,23 @@ class ServingLock:
                     self._cond.notify_all()
 
 
+
+
 def holding(kind: str) -> Callable[[Callable], Callable]:
     """A decorator running a method of an object with a ``serving`` ``ServingLock`` while holding it ``kind``
-    (``"shared"``: a call; ``"exclusive"``: a change)."""
+    (``"shared"``: a call; ``"exclusive"``: a change; ``"switch"``: a module-wide switch)."""
     def decorate(method: Callable) -> Callable:
         @functools.wraps(method)
         def run(self, *args, **kwargs):
-            with getattr(self.serving, kind)():
+            lock = self.serving
+            held = lock.shared() if kind == "shared" else lock.exclusive(method.__name__, kind == "switch")
+            with held:
                 return method(self, *args, **kwargs)
         return run
     return decorate
 
 
-exclusive, shared = holding("exclusive"), holding("shared")
+exclusive, shared, switch = holding("exclusive"), holding("shared"), holding("switch")
 
 
 class ContextFlag:
