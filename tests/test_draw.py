@@ -1,9 +1,9 @@
 """Drawing the rewritten graph: ``am.draw(path, layer=...)`` and ``fx-adapters inspect MODEL_DIR --graph FILE``.
 
 The drawing shows one adapted layer before and after the rewrite. "Before" must be the captured model's own graph
-there (checked against a fresh capture of the model), "after" the same plus the rotation, its table and the slot
-index input; the picture must name those nodes. Drawing changes nothing. Without pydot / graphviz: a clear error
-naming what to install, exit 2, nothing written. SVG needs graphviz's ``dot`` (skipped without it); ``.dot`` not.
+there (checked against a fresh capture of the model), "after" the same plus the rotation, its table and slot map,
+and the slot index input; the picture must name those nodes. Drawing changes nothing. Without pydot / graphviz: a
+clear error naming what to install, exit 2, nothing written. SVG needs graphviz's ``dot`` (skipped without it); ``.dot`` not.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def described(node: torch.fx.Node) -> tuple:
     return node.op, str(node.target), tuple(a.name for a in node.all_input_nodes)
 
 
-def test_before_is_the_captured_graph_and_after_adds_the_rotation_its_table_and_the_slot_index(model, am):
+def test_before_is_the_captured_graph_and_after_adds_the_rotation_its_table_slot_map_and_index(model, am):
     views = layer_views(am.graph_module, am.targets, LAYER)
     fresh = {n.name: n for n in capture(model).graph_module.graph.nodes}  # the model's graph, never rewritten
     before = [n for n in views[BEFORE].graph.nodes if n.op in ("call_function", "get_attr")]
@@ -55,10 +55,11 @@ def test_before_is_the_captured_graph_and_after_adds_the_rotation_its_table_and_
     added = {n.name for n in views[AFTER].graph.nodes} - {n.name for n in views[BEFORE].graph.nodes}
     after = {n.name: n for n in views[AFTER].graph.nodes}
     rotation = next(n for n in after.values() if n.target is road_rotate)
-    linear, table, index, group_size = rotation.args
-    assert added == {rotation.name, table.name, index.name}
-    assert (linear.target, table.op, table.target, index.target, group_size) == (
-        torch.ops.aten.linear.default, "get_attr", "road_adapters.model__layers__1__self_attn__v_proj.table_g8",
+    linear, table, slot_map, index, group_size = rotation.args
+    assert added == {rotation.name, table.name, slot_map.name, index.name}
+    layer = "road_adapters.model__layers__1__self_attn__v_proj"
+    assert (linear.target, table.op, table.target, slot_map.op, slot_map.target, index.target, group_size) == (
+        torch.ops.aten.linear.default, "get_attr", f"{layer}.table_g8", "get_attr", f"{layer}.slots_g8",
         "road_index", 8)
     assert [u.name for u in linear.users] == [rotation.name]
 

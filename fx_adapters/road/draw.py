@@ -1,9 +1,9 @@
 """``AdaptedModule.draw``: one adapted layer's neighbourhood in the graph, before and after the RoAd rewrite, side by
 side in one picture (``fx_adapters.graph.draw``; needs pydot, and graphviz's ``dot`` for ``.svg`` / ``.png``).
 
-After: the layer (its ``linear``), the ``road_rotate`` node after it, the ``table_g*`` attribute it reads and the
-``road_index`` input, with the nodes one step around them. Before: the same nodes with the rotations taken out, i.e.
-the captured model's graph there (the rewrite works in place, so "before" is rebuilt from "after").
+After: the layer (its ``linear``), the ``road_rotate`` node after it, the ``table_g*`` and slot-map attributes it
+reads and the ``road_index`` input, with the nodes one step around them. Before: the same nodes with the rotations
+taken out, i.e. the captured model's graph there (the rewrite works in place, so "before" is rebuilt from "after").
 """
 
 from __future__ import annotations
@@ -28,12 +28,13 @@ def layer_views(graph_module: torch.fx.GraphModule, targets: Sequence[Target], l
     nodes = {n.name: n for n in graph_module.graph.nodes}
     after = extract(graph_module, neighbourhood(graph_module.graph, [nodes[n] for n in target.nodes], hops))
     before = extract(after, list(after.graph.nodes)[:-1])  # a second copy of the same nodes
-    for node, _ in reversed(rotations(before.graph)):  # road_rotate(y, table, road_index, group_size) -> y
-        table = node.args[1]
+    for node, _ in reversed(rotations(before.graph)):  # road_rotate(y, table, slot map, road_index, g) -> y
+        attributes = [n for n in node.all_input_nodes if n.op == "get_attr"]  # the table and the slot map
         node.replace_all_uses_with(node.args[0])
         before.graph.erase_node(node)
-        if not table.users:
-            before.graph.erase_node(table)
+        for attribute in attributes:
+            if not attribute.users:
+                before.graph.erase_node(attribute)
     return {BEFORE: drop_unused_inputs(before), AFTER: after}
 
 
