@@ -3,7 +3,8 @@
 The drawing shows one adapted layer before and after the rewrite. "Before" must be the captured model's own graph
 there (checked against a fresh capture of the model), "after" the same plus the rotation, its table and slot map,
 and the slot index input; the picture must name those nodes. Drawing changes nothing. Without pydot / graphviz: a
-clear error naming what to install, exit 2, nothing written. SVG needs graphviz's ``dot`` (skipped without it); ``.dot`` not.
+clear error naming what to install, exit 2, nothing written. SVG needs graphviz's ``dot`` (skipped without it);
+``.dot`` not.
 """
 
 from __future__ import annotations
