@@ -157,13 +157,32 @@ def test_use_cache_in_forward_raises_a_capture_error_naming_it(llama):
         am(input_ids=token_batch(2, 5)[0], use_cache=True)
 
 
-def test_a_dtype_move_equals_peft_after_the_same_move():
+# the same operations as PEFT: bit-equal on the CPU; an accelerator may order half-precision sums differently
+HALF = dict(atol=0, rtol=0) if DEVICE.type == "cpu" else {}
+EXACT = {torch.float64: dict(atol=1e-10, rtol=0), torch.bfloat16: HALF, torch.float16: HALF}
+MOVES = {"to(float64)": lambda m: m.to(torch.float64), "to(bfloat16)": lambda m: m.to(torch.bfloat16),
+         "half()": lambda m: m.half()}
+
+
+@pytest.mark.parametrize("move", MOVES)
+def test_a_dtype_move_equals_peft_after_the_same_move(move):
     am, peft_model = _compiled_and_peft(build_hf("qwen2"), ["q_proj", "v_proj"])
     ids, mask = token_batch(2, 6, left_pad=1)
-    am.to(torch.float64), peft_model.to(torch.float64)
-    ours = am(input_ids=ids, attention_mask=mask).logits
-    assert ours.dtype == torch.float64
-    torch.testing.assert_close(ours, peft_model(input_ids=ids, attention_mask=mask).logits, atol=1e-10, rtol=0)
+    MOVES[move](am), MOVES[move](peft_model)
+    ours, theirs = am(input_ids=ids, attention_mask=mask).logits, peft_model(input_ids=ids, attention_mask=mask).logits
+    assert ours.dtype == theirs.dtype != torch.float32
+    assert {p.dtype for p in am.adapter_parameters("default").values()} == {theirs.dtype}  # as PEFT: cast too
+    torch.testing.assert_close(ours, theirs, **EXACT[ours.dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_module_compiled_from_a_half_precision_model_keeps_float32_adapters_and_equals_peft(dtype):
+    am, peft_model = _compiled_and_peft(build_hf("llama").to(dtype), ["q_proj", "v_proj"])
+    assert {p.dtype for p in am.adapter_parameters("default").values()} == {torch.float32}  # PEFT's autocast
+    ids, mask = token_batch(2, 6, left_pad=1)
+    ours, theirs = am(input_ids=ids, attention_mask=mask).logits, peft_model(input_ids=ids, attention_mask=mask).logits
+    assert ours.dtype == dtype
+    torch.testing.assert_close(ours, theirs, **EXACT[dtype])
 
 
 class _Batches(torch.utils.data.Dataset):
