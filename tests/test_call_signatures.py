@@ -185,6 +185,17 @@ def test_a_module_compiled_from_a_half_precision_model_keeps_float32_adapters_an
     torch.testing.assert_close(ours, theirs, **EXACT[dtype])
 
 
+@pytest.mark.cuda_only  # written as the dtype moves; not run here: no accelerator was lent
+def test_a_device_move_after_compiling_on_the_cpu_equals_peft_after_the_same_move():
+    am, peft_model = _compiled_and_peft(build_hf("llama").to("cpu"), ["q_proj", "v_proj"])
+    am.to(DEVICE), peft_model.to(DEVICE)
+    ids, mask = token_batch(2, 6, left_pad=1)
+    torch.testing.assert_close(am(input_ids=ids, attention_mask=mask, labels=ids).loss,
+                               peft_model(input_ids=ids, attention_mask=mask, labels=ids).loss, atol=1e-5, rtol=0)
+    assert torch.equal(am.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False),
+                       peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False))
+
+
 class _Batches(torch.utils.data.Dataset):
     """The same 4 token sequences, 4 times: a loss that training can lower."""
 
