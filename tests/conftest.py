@@ -198,3 +198,29 @@ def eager_road_forward(model, call, adapters, assignment):
             for h in handles:
                 h.remove()
     return torch.cat(outs)
+
+
+class RepeatedBatches(torch.utils.data.Dataset):
+    """The same 4 token sequences, 4 times, with labels: a loss that training can lower."""
+
+    def __init__(self):
+        self.ids = torch.randint(1, VOCAB, (4, 8), generator=torch.Generator().manual_seed(0)).repeat(4, 1)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
+
+
+def trainer_losses(module: nn.Module, directory, learning_rate: float = 0.1) -> list[float]:
+    """Train ``module`` with transformers' ``Trainer`` on ``RepeatedBatches`` (2 epochs of batch 4: 8 steps) and
+    return the logged loss of each step."""
+    import transformers as tf
+
+    args = tf.TrainingArguments(directory, per_device_train_batch_size=4, num_train_epochs=2,
+                                learning_rate=learning_rate, logging_steps=1, report_to=[], save_strategy="no",
+                                disable_tqdm=True, use_cpu=DEVICE.type == "cpu")
+    trainer = tf.Trainer(model=module, args=args, train_dataset=RepeatedBatches())
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
