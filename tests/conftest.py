@@ -9,6 +9,7 @@ the tests create; random draws use CPU generators (the same numbers on every dev
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import warnings
 
@@ -224,3 +225,16 @@ def trainer_losses(module: nn.Module, directory, learning_rate: float = 0.1) -> 
     trainer = tf.Trainer(model=module, args=args, train_dataset=RepeatedBatches())
     trainer.train()
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def assert_each_signature_is_captured_once_and_listed(module: nn.Module, caplog) -> None:
+    """``module`` (RoAd or X-LoRA, compiled from a transformers model) captures a new call signature once (logged at
+    debug level), reuses it for other sizes and lists it after its primary signature."""
+    ids, _ = token_batch(2, 5, seed=5)
+    with caplog.at_level(logging.DEBUG, logger="fx_adapters"):
+        module(input_ids=ids, output_hidden_states=True)
+        module(input_ids=ids[:1, :3], output_hidden_states=True)  # other sizes, same graph
+    assert len([r for r in caplog.records if "call signature" in r.getMessage()]) == 1
+    listed = [str(s) for s in module.captures.signatures]
+    assert listed[0] == f"(input_ids, attention_mask) eval float32 {DEVICE}"
+    assert f"(input_ids, attention_mask, output_hidden_states=True) eval float32 {DEVICE}" in listed

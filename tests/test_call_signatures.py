@@ -8,7 +8,15 @@ import logging
 import pytest
 import torch
 import transformers as tf
-from conftest import DEVICE, VOCAB, build_hf, peft_road, token_batch, trainer_losses
+from conftest import (
+    DEVICE,
+    VOCAB,
+    assert_each_signature_is_captured_once_and_listed,
+    build_hf,
+    peft_road,
+    token_batch,
+    trainer_losses,
+)
 
 import fx_adapters as fxa
 from fx_adapters.graph.capture import CaptureError
@@ -132,15 +140,7 @@ def test_new_adapters_reach_every_capture(llama, caplog):
 
 
 def test_each_signature_is_captured_once_and_listed(llama, caplog):
-    am, _ = llama
-    ids, _ = token_batch(2, 5, seed=5)
-    with caplog.at_level(logging.DEBUG, logger="fx_adapters"):
-        am(input_ids=ids, output_hidden_states=True)
-        am(input_ids=ids[:1, :3], output_hidden_states=True)  # other sizes, same graph
-    assert len([r for r in caplog.records if "call signature" in r.getMessage()]) == 1
-    listed = [str(s) for s in am.captures.signatures]
-    assert listed[0] == "(input_ids, attention_mask) eval float32 " + str(DEVICE)
-    assert f"(input_ids, attention_mask, output_hidden_states=True) eval float32 {DEVICE}" in listed
+    assert_each_signature_is_captured_once_and_listed(llama[0], caplog)
 
 
 def test_an_input_the_model_does_not_take_raises_its_type_error_and_captures_nothing(llama):

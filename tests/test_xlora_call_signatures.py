@@ -5,11 +5,17 @@ too (the base model's dropout under one seed), after dtype moves and with adapte
 from __future__ import annotations
 
 import inspect
-import logging
 
 import pytest
 import torch
-from conftest import DEVICE, assert_close_relative, build_hf, token_batch, trainer_losses
+from conftest import (
+    DEVICE,
+    assert_close_relative,
+    assert_each_signature_is_captured_once_and_listed,
+    build_hf,
+    token_batch,
+    trainer_losses,
+)
 from xlora_helpers import EXPERT_SPECS, eager_xlora, peft_classifier_state, peft_to, peft_xlora, save_experts
 
 import fx_adapters as fxa
@@ -29,8 +35,8 @@ def compiled_and_peft(model, dirs, **config):
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):  # experts on the embedding too (EXPERT_SPECS)
-    model = build_hf("llama")
+def llama(tmp_path_factory):  # experts on the embedding too (EXPERT_SPECS); eager attention returns its weights
+    model = build_hf("llama", attn_implementation="eager")
     return compiled_and_peft(model, save_experts(model, tmp_path_factory.mktemp("llama")), **CONFIG)
 
 
@@ -66,14 +72,15 @@ def test_optional_inputs_equal_peft_xlora(llama, inputs):
     assert_same(xm(**kwargs), peft_model(**kwargs), xm, peft_model)
 
 
-def test_return_dict_false_and_hidden_states_give_the_model_tuple(llama):
+def test_return_dict_false_hidden_states_and_attentions_give_the_model_tuple(llama):
     xm, peft_model = llama
-    ids, _ = token_batch(2, 5, seed=2)
-    ours = xm(input_ids=ids, return_dict=False, output_hidden_states=True)
-    theirs = peft_model(input_ids=ids, return_dict=False, output_hidden_states=True)
-    assert isinstance(ours, tuple) and len(ours) == len(theirs) == 2
-    for a, b in zip((ours[0], *ours[1]), (theirs[0], *theirs[1]), strict=True):  # logits, then each hidden state
-        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    ids, mask = token_batch(2, 5, seed=2, left_pad=1)
+    kwargs = dict(input_ids=ids, attention_mask=mask, return_dict=False, output_hidden_states=True,
+                  output_attentions=True)
+    ours, theirs = xm(**kwargs), peft_model(**kwargs)
+    assert isinstance(ours, tuple) and len(ours) == len(theirs) == 3
+    for a, b in zip((ours[0], *ours[1], *ours[2]), (theirs[0], *theirs[1], *theirs[2]), strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)  # logits, each hidden state, each attention map
     torch.testing.assert_close(xm.get_latest_scalings(), peft_model.get_latest_scalings(), atol=ATOL, rtol=0)
 
 
@@ -127,15 +134,7 @@ def test_scalings_log_records_every_signature(llama):
 
 
 def test_each_signature_is_captured_once_and_listed(llama, caplog):
-    xm, _ = llama
-    ids, _ = token_batch(2, 5, seed=5)
-    with caplog.at_level(logging.DEBUG, logger="fx_adapters"):
-        xm(input_ids=ids, output_hidden_states=True)
-        xm(input_ids=ids[:1, :3], output_hidden_states=True)  # other sizes, same graph
-    assert len([r for r in caplog.records if "call signature" in r.getMessage()]) <= 1  # once (or before)
-    listed = [str(s) for s in xm.captures.signatures]
-    assert listed[0] == f"(input_ids, attention_mask) eval float32 {DEVICE}"
-    assert listed.count(f"(input_ids, attention_mask, output_hidden_states=True) eval float32 {DEVICE}") == 1
+    assert_each_signature_is_captured_once_and_listed(llama[0], caplog)
 
 
 def test_an_input_the_model_does_not_take_raises_its_type_error_and_captures_nothing(llama):
