@@ -1,8 +1,9 @@
 """``compile_with_xlora`` and the module it returns: X-LoRA (mixture of LoRA experts) as one rewritten graph.
 
-The model is captured once; its graph is copied into a scaling pass (every expert at ``scaling_pass_value``), the
-classifier (on the scaling pass's last hidden state: the output head's input) and the real pass (each adapted layer
-adds its experts weighted by the classifier's per-token scalings). See ``passes.py`` and ``modules.py`` here.
+The model is captured (once per call signature: ``graph/captures.py``); each graph is copied into a scaling pass
+(every expert at ``scaling_pass_value``), the classifier (on the scaling pass's last hidden state: the output head's
+input) and the real pass (each adapted layer adds its experts weighted by the classifier's per-token scalings). See
+``pipeline.py``, ``passes.py`` and ``modules.py`` here.
 
 >>> import torch, fx_adapters as fxa
 >>> from torch import nn
@@ -47,8 +48,10 @@ from .pipeline import adaptable_layers, apply_xlora, base_rewrite, classifier_he
 
 
 class XLoraModule(CompileMixin, nn.Module):
-    """A captured model whose graph runs X-LoRA; call it like the original model. Build it with ``compile_with_xlora``
-    (or ``from_captured`` to reuse a capture).
+    """A captured model whose graph runs X-LoRA; call it like the original model, with any of its inputs and flags, in
+    eval or train mode, in any dtype (each call signature is captured on first use, ``graph.captures``, and rewritten
+    by ``pipeline.apply_xlora`` with this module's classifier and experts). Build it with ``compile_with_xlora`` (or
+    ``from_captured`` to reuse a capture).
 
     ``experts``: the expert names, in the order of the scalings' last axis; ``targets``: the adapted layers, in the
     order of the scalings' layer axis (module order, as PEFT's ``n_layers``); ``config``: this module's own copy of
