@@ -9,6 +9,7 @@ the tests create; random draws use CPU generators (the same numbers on every dev
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import warnings
 
@@ -198,3 +199,42 @@ def eager_road_forward(model, call, adapters, assignment):
             for h in handles:
                 h.remove()
     return torch.cat(outs)
+
+
+class RepeatedBatches(torch.utils.data.Dataset):
+    """The same 4 token sequences, 4 times, with labels: a loss that training can lower."""
+
+    def __init__(self):
+        self.ids = torch.randint(1, VOCAB, (4, 8), generator=torch.Generator().manual_seed(0)).repeat(4, 1)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
+
+
+def trainer_losses(module: nn.Module, directory, learning_rate: float = 0.1) -> list[float]:
+    """Train ``module`` with transformers' ``Trainer`` on ``RepeatedBatches`` (2 epochs of batch 4: 8 steps) and
+    return the logged loss of each step."""
+    import transformers as tf
+
+    args = tf.TrainingArguments(directory, per_device_train_batch_size=4, num_train_epochs=2,
+                                learning_rate=learning_rate, logging_steps=1, report_to=[], save_strategy="no",
+                                disable_tqdm=True, use_cpu=DEVICE.type == "cpu")
+    trainer = tf.Trainer(model=module, args=args, train_dataset=RepeatedBatches())
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def assert_each_signature_is_captured_once_and_listed(module: nn.Module, caplog) -> None:
+    """``module`` (RoAd or X-LoRA, compiled from a transformers model) captures a new call signature once (logged at
+    debug level), reuses it for other sizes and lists it after its primary signature."""
+    ids, _ = token_batch(2, 5, seed=5)
+    with caplog.at_level(logging.DEBUG, logger="fx_adapters"):
+        module(input_ids=ids, output_hidden_states=True)
+        module(input_ids=ids[:1, :3], output_hidden_states=True)  # other sizes, same graph
+    assert len([r for r in caplog.records if "call signature" in r.getMessage()]) == 1
+    listed = [str(s) for s in module.captures.signatures]
+    assert listed[0] == f"(input_ids, attention_mask) eval float32 {DEVICE}"
+    assert f"(input_ids, attention_mask, output_hidden_states=True) eval float32 {DEVICE}" in listed

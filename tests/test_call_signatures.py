@@ -8,7 +8,15 @@ import logging
 import pytest
 import torch
 import transformers as tf
-from conftest import DEVICE, VOCAB, build_hf, peft_road, token_batch
+from conftest import (
+    DEVICE,
+    VOCAB,
+    assert_each_signature_is_captured_once_and_listed,
+    build_hf,
+    peft_road,
+    token_batch,
+    trainer_losses,
+)
 
 import fx_adapters as fxa
 from fx_adapters.graph.capture import CaptureError
@@ -132,15 +140,7 @@ def test_new_adapters_reach_every_capture(llama, caplog):
 
 
 def test_each_signature_is_captured_once_and_listed(llama, caplog):
-    am, _ = llama
-    ids, _ = token_batch(2, 5, seed=5)
-    with caplog.at_level(logging.DEBUG, logger="fx_adapters"):
-        am(input_ids=ids, output_hidden_states=True)
-        am(input_ids=ids[:1, :3], output_hidden_states=True)  # other sizes, same graph
-    assert len([r for r in caplog.records if "call signature" in r.getMessage()]) == 1
-    listed = [str(s) for s in am.captures.signatures]
-    assert listed[0] == "(input_ids, attention_mask) eval float32 " + str(DEVICE)
-    assert f"(input_ids, attention_mask, output_hidden_states=True) eval float32 {DEVICE}" in listed
+    assert_each_signature_is_captured_once_and_listed(llama[0], caplog)
 
 
 def test_an_input_the_model_does_not_take_raises_its_type_error_and_captures_nothing(llama):
@@ -196,30 +196,12 @@ def test_a_device_move_after_compiling_on_the_cpu_equals_peft_after_the_same_mov
                        peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False))
 
 
-class _Batches(torch.utils.data.Dataset):
-    """The same 4 token sequences, 4 times: a loss that training can lower."""
-
-    def __init__(self):
-        self.ids = torch.randint(1, VOCAB, (4, 8), generator=torch.Generator().manual_seed(0)).repeat(4, 1)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
-
-
 def test_transformers_trainer_trains_the_module_and_peft_reproduces_its_adapter(tmp_path):
     from peft import PeftModel
 
     model = build_hf("llama")
     am = fxa.compile_with_road(model, fxa.RoadConfig(target_modules="all-linear", **CONFIG))
-    args = tf.TrainingArguments(tmp_path / "run", per_device_train_batch_size=4, num_train_epochs=2, learning_rate=0.1,
-                                logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True,
-                                use_cpu=DEVICE.type == "cpu")
-    trainer = tf.Trainer(model=am, args=args, train_dataset=_Batches())
-    trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    losses = trainer_losses(am, tmp_path / "run")
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.1
     am.eval()
     am.save_adapter(tmp_path / "adapter")

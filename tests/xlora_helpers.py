@@ -103,3 +103,12 @@ def eager_xlora(model, classifier_state, dirs, ids, scalings=None, **model_kwarg
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def peft_to(peft_model, dtype: torch.dtype):
+    """``peft_model.to(dtype)``, PEFT's X-LoRA model made to run after it: its classifier keeps the dtype it was
+    built with in a ``dtype`` attribute that ``.to()`` does not change, and makes its scaling-pass scalings in it
+    (fp32 scalings times fp16 inputs reach the fp16 LoRA weights as fp32: a dtype error)."""
+    peft_model.to(dtype)
+    peft_model.base_model.internal_xlora_classifier.dtype = dtype
+    return peft_model

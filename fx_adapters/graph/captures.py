@@ -22,6 +22,7 @@ adapters) changed. Each new capture is logged at debug level on the ``fx_adapter
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -39,6 +40,7 @@ logger = logging.getLogger("fx_adapters")
 
 EXAMPLE_SIZES = (2, 8)  # batch and sequence of the example inputs: sizes > 1, or export specializes them
 Build = Callable[[torch.fx.GraphModule, nn.Module], torch.fx.GraphModule]  # (fresh capture, source model) -> rewrite
+OutSpec = Callable[[pytree.TreeSpec], pytree.TreeSpec]  # the model's output spec -> a rewritten graph's
 
 
 def example_inputs(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -68,7 +70,7 @@ class Captures:
         self.primary = CallSignature(tuple((n, 2, False) for n in primary.input_names), (), False,
                                      str(dtype).removeprefix("torch."), str(torch.device(device)))
         self._raw: dict[CallSignature, CapturedModel] = {}
-        self._built: dict[CallSignature, tuple[object, torch.fx.GraphModule]] = {}
+        self._built: dict[tuple[CallSignature, str], tuple[object, torch.fx.GraphModule]] = {}
 
     @classmethod
     def of(cls, primary: CapturedModel, model: nn.Module) -> Captures:
@@ -96,17 +98,18 @@ class Captures:
         return CallSignature.of(values, flags, training=module.training, dtype=dtype, device=device), values
 
     @outside_inference_mode
-    def graph(self, signature: CallSignature, values: dict, key, build: Build, source: nn.Module
-              ) -> torch.fx.GraphModule:
+    def graph(self, signature: CallSignature, values: dict, key, build: Build, source: nn.Module,
+              variant: str = "") -> torch.fx.GraphModule:
         """The graph for ``signature`` rewritten by ``build`` for the current ``key``, reading ``source``'s tensors;
-        captured on first use (raises ``CaptureError`` naming the input or flag)."""
+        captured on first use (raises ``CaptureError`` naming the input or flag). A method with several rewrites of
+        one capture (X-LoRA's, and the base model while adapters are disabled) names each one's ``variant``."""
         if signature not in self._raw:
             self._raw[signature] = self._capture(signature, values)
             logger.debug("fx_adapters: captured %s for call signature %s", type(self.model).__name__, signature)
-        built_key, built = self._built.get(signature, (None, None))
+        built_key, built = self._built.get((signature, variant), (None, None))
         if built is None or built_key != key:
             built = read_from(build(self._raw[signature].graph_module, self.model), source)
-            self._built[signature] = (key, built)
+            self._built[signature, variant] = (key, built)
         return built
 
     def _capture(self, signature: CallSignature, values: dict) -> CapturedModel:
@@ -126,11 +129,16 @@ class Captures:
             model = owned_copy(model).to(device=signature.device, dtype=dtype)
         return capture(model, example_kwargs={**example_inputs(values), **flags}, training=signature.training)
 
-    def call(self, signature: CallSignature, graph: torch.fx.GraphModule, values: dict, extra: tuple = ()):
-        """Run ``graph`` (the graph of ``signature``) on a call's inputs; returns the model's output type."""
+    def call(self, signature: CallSignature, graph: torch.fx.GraphModule, values: dict, extra: tuple = (),
+             out_spec: OutSpec | None = None):
+        """Run ``graph`` (the graph of ``signature``) on a call's inputs; returns the model's output type, or what
+        ``out_spec`` makes of the model's output spec when the rewrite returns more (X-LoRA: ``(output,
+        scalings)``)."""
+        captured = self.primary_captured if signature == self.primary else self._raw[signature]
+        if out_spec is not None:
+            captured = dataclasses.replace(captured, out_spec=out_spec(captured.out_spec))
         if signature == self.primary:
-            return self.primary_captured.call(graph, **values, extra=extra)
-        captured = self._raw[signature]
+            return captured.call(graph, **values, extra=extra)
         flat = graph(*(values[n] for n in captured.input_names), *extra)
         return pytree.tree_unflatten(list(flat), captured.out_spec)
 

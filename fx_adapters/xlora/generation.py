@@ -26,9 +26,8 @@ import torch
 
 from ..graph import generation
 from ..graph.graph_module import copy_graph_module, read_from
-from ..graph.match import find_embedding_layers, find_linear_layers, layer_key, output_head
-from ..graph.passes import run_passes
-from .passes import EXPERTS_ATTR, xlora_passes
+from .passes import EXPERTS_ATTR
+from .pipeline import apply_xlora
 
 DECODE_SCALINGS = ("token", "prompt")
 
@@ -47,17 +46,14 @@ def check_decode_scalings(value, where: str, generating: bool = True) -> None:
 
 def _xlora_graphs(xm) -> Callable[[generation.GenerationSource], tuple]:
     def build(source: generation.GenerationSource) -> tuple:
-        captured, types = source.captured, generation.module_types(source.model)
-        experts = getattr(xm.graph_module, EXPERTS_ATTR)
+        captured, experts = source.captured, getattr(xm.graph_module, EXPERTS_ATTR)
         built = []
         for graph_module, cache_names, fixed in ((captured.prefill, (), False),
                                                  (captured.decode, captured.cache_names, False),
                                                  (captured.decode, captured.cache_names, True)):
-            gm = copy_graph_module(graph_module)
-            layers = {t.name: t for t in (*find_linear_layers(gm, types), *find_embedding_layers(gm, types))}
-            stacked = {layers[t.name]: (i, experts[layer_key(t.name)]) for i, t in enumerate(xm.targets)}
-            run_passes(gm, xlora_passes(layers[output_head(source.model)].nodes[0], xm.classifier, stacked,
-                                        cache=(cache_names, len(captured.cache_names)), fixed_scalings=fixed))
+            gm = apply_xlora(copy_graph_module(graph_module), source.model, xm.classifier, experts,
+                             [t.name for t in xm.targets], cache=(cache_names, len(captured.cache_names)),
+                             fixed_scalings=fixed)
             built.append(read_from(gm, xm.graph_module))
         return tuple(built)
     return build

@@ -1,8 +1,9 @@
 """``compile_with_xlora`` and the module it returns: X-LoRA (mixture of LoRA experts) as one rewritten graph.
 
-The model is captured once; its graph is copied into a scaling pass (every expert at ``scaling_pass_value``), the
-classifier (on the scaling pass's last hidden state: the output head's input) and the real pass (each adapted layer
-adds its experts weighted by the classifier's per-token scalings). See ``passes.py`` and ``modules.py`` here.
+The model is captured (once per call signature: ``graph/captures.py``); each graph is copied into a scaling pass
+(every expert at ``scaling_pass_value``), the classifier (on the scaling pass's last hidden state: the output head's
+input) and the real pass (each adapted layer adds its experts weighted by the classifier's per-token scalings). See
+``pipeline.py``, ``passes.py`` and ``modules.py`` here.
 
 >>> import torch, fx_adapters as fxa
 >>> from torch import nn
@@ -24,46 +25,47 @@ True
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 
 from ..graph import generation
 from ..graph.capture import CapturedModel, capture
+from ..graph.captures import Captures
 from ..graph.graph_module import mark_non_persistent_buffers, outside_inference_mode
-from ..graph.match import Target, find_embedding_layers, find_linear_layers, output_head
-from ..graph.passes import run_passes
+from ..graph.match import Target, layer_key
+from ..graph.signature import CallSignature, SignedForward
 from ..graph.torch_compile import CompileMixin
 from . import checkpoint
 from .config import XLoraConfig, check_number, check_top_k
 from .experts import LoraExpert, check_experts, read_lora_expert, stack_experts
 from .generation import check_decode_scalings, generate_xlora
 from .modules import XLoraClassifier, route_scalings
-from .passes import CLASSIFIER_ATTR, xlora_passes
+from .passes import CLASSIFIER_ATTR, two_pass_spec
+from .pipeline import adaptable_layers, apply_xlora, base_rewrite, classifier_head, xlora_rewrite
 
 
 class XLoraModule(CompileMixin, nn.Module):
-    """A captured model whose graph runs X-LoRA; call it like the original model. Build it with ``compile_with_xlora``
-    (or ``from_captured`` to reuse a capture).
+    """A captured model whose graph runs X-LoRA; call it like the original model, with any of its inputs and flags, in
+    eval or train mode, in any dtype (each call signature is captured on first use, ``graph.captures``, and rewritten
+    by ``pipeline.apply_xlora`` with this module's classifier and experts). Build it with ``compile_with_xlora`` (or
+    ``from_captured`` to reuse a capture).
 
     ``experts``: the expert names, in the order of the scalings' last axis; ``targets``: the adapted layers, in the
     order of the scalings' layer axis (module order, as PEFT's ``n_layers``); ``config``: this module's own copy of
     the ``XLoraConfig``, updated by the setters as in PEFT.
     """
 
+    accepts_loss_kwargs = False  # transformers' Trainer: the loss is the model's own, unscaled
+
     def __init__(self, captured: CapturedModel, graph_module: torch.fx.GraphModule, experts: tuple[str, ...],
                  targets: tuple[Target, ...], config: XLoraConfig):
         super().__init__()
         self.graph_module = graph_module
         self.experts, self.targets, self.config = experts, targets, config
-        self._captured = captured
-        self._two_pass = dataclasses.replace(
-            captured, graph_module=graph_module,
-            out_spec=pytree.TreeSpec(tuple, None, [captured.out_spec, pytree.treespec_leaf()]))
+        self.captures = Captures(captured, None, torch.float32, torch.device("cpu"))  # _build: Captures.of
         self._disabled = False
         self._latest: torch.Tensor | None = None
         self._log: list[torch.Tensor] = []
@@ -88,9 +90,11 @@ class XLoraModule(CompileMixin, nn.Module):
 
     def forward(self, *args, decode_scalings: str = "token", **kwargs):
         check_decode_scalings(decode_scalings, f"{type(self).__name__}.forward", generating=False)
+        signature, values = self.captures.signature(self, args, kwargs)
         if self._disabled:
-            return self._captured.call(self._base_graph_module(), *args, **kwargs)
-        output, scalings = self._two_pass.call(self._graph_to_call(), *args, extra=self.graph_inputs(), **kwargs)
+            return self.captures.call(signature, self._graph_of(signature, values, base=True), values)
+        output, scalings = self.captures.call(signature, self._graph_of(signature, values), values,
+                                              extra=self.graph_inputs(), out_spec=two_pass_spec)
         self.record_scalings(scalings)
         return output
 
@@ -121,10 +125,19 @@ class XLoraModule(CompileMixin, nn.Module):
         dummy = torch.full((1, 1, 1, len(self.experts)), value, dtype=param.dtype, device=param.device)
         return route_scalings(dummy, self.config.top_k_lora, self.config.enable_softmax_topk).flatten()
 
+    def _graph_of(self, signature: CallSignature, values: dict, base: bool = False) -> torch.fx.GraphModule:
+        """The X-LoRA graph of a call signature (``base``: the model's alone, for disabled adapters): this module's
+        own for its primary signature, else a capture of the signature (``graph.captures``) rewritten by
+        ``pipeline.apply_xlora``, reading this module's tensors."""
+        if signature == self.captures.primary:
+            return self._base_graph_module() if base else self._graph_to_call()
+        key, build = base_rewrite() if base else xlora_rewrite(self.graph_module, [t.name for t in self.targets])
+        return self.captures.graph(signature, values, key, build, self.graph_module, "base" if base else "xlora")
+
     def _base_graph_module(self) -> torch.fx.GraphModule:
         """The captured graph alone (for disabled adapters), reading this module's current parameters and buffers."""
         if self._base is None:
-            graph = copy.deepcopy(self._captured.graph_module.graph)
+            graph = copy.deepcopy(self.captures.primary_captured.graph_module.graph)
             self._cache_base(torch.fx.GraphModule(self.graph_module, graph))
         return self._base
 
@@ -207,16 +220,6 @@ class XLoraModule(CompileMixin, nn.Module):
         self.classifier.load_state_dict(checkpoint.read_classifier(path, self.classifier.state_dict(), describe))
 
 
-def _classifier_head(model: nn.Module, layers: dict[str, Target]) -> Target:
-    """The layer whose input the classifier reads: the output head (``get_output_embeddings()``), else the last
-    linear-like layer the graph calls."""
-    head = output_head(model) or next(reversed(layers), None)
-    if head not in layers:
-        raise ValueError(f"X-LoRA: cannot find the output head of {type(model).__name__} among its linear layers "
-                         f"(got {head!r}); the classifier reads the head's input (the last hidden state)")
-    return layers[head]
-
-
 def _checked(config, where: str) -> XLoraConfig:
     if not isinstance(config, XLoraConfig):
         raise TypeError(f"{where}: config must be a fx_adapters.XLoraConfig, got {type(config).__name__}")
@@ -230,17 +233,15 @@ def _read_experts(config: XLoraConfig) -> list[LoraExpert]:
 
 def _build(model: nn.Module, captured: CapturedModel, config: XLoraConfig, experts: Sequence[LoraExpert]
            ) -> XLoraModule:
-    """The X-LoRA pipeline, for every entry point: experts checked against the captured layers, the classifier,
-    the stacked experts, ``passes.xlora_passes`` on a copy of the captured graph."""
+    """The X-LoRA module, for every entry point: experts checked against the captured layers, the classifier, the
+    stacked experts, ``pipeline.apply_xlora`` on a copy of the captured graph (as on every other capture)."""
     config = copy.copy(config)
     modules = dict(model.named_modules())
-    types = {name: type(m) for name, m in modules.items()}
-    linear = {t.name: t for t in find_linear_layers(captured.graph_module, types)}
-    layers = {**linear, **{t.name: t for t in find_embedding_layers(captured.graph_module, types)}}
+    linear, layers = adaptable_layers(captured.graph_module, model)
     check_experts(experts, layers, modules)
     order = {name: i for i, name in enumerate(modules)}
     targets = tuple(layers[p] for p in sorted({p for e in experts for p in e.weights}, key=order.__getitem__))
-    head = _classifier_head(model, linear)
+    head = classifier_head(model, linear)
     hidden_size = config.hidden_size or head.in_features
     if hidden_size != head.in_features:
         raise ValueError(f"XLoraConfig: hidden_size={config.hidden_size} but the classifier reads the input of the "
@@ -258,10 +259,11 @@ def _build(model: nn.Module, captured: CapturedModel, config: XLoraConfig, exper
     source = captured.graph_module
     gm = torch.fx.GraphModule(source, copy.deepcopy(source.graph), type(source).__name__)
     mark_non_persistent_buffers(gm, source)
-    run_passes(gm, xlora_passes(head.nodes[0], classifier, {t: (i, stacked[t]) for i, t in enumerate(targets)}))
-    xm = XLoraModule(captured, gm, tuple(config.adapters), targets, config).train(model.training)
+    apply_xlora(gm, model, classifier, {layer_key(t.name): stacked[t] for t in targets}, [t.name for t in targets])
+    xm = XLoraModule(captured, gm, tuple(config.adapters), targets, config)
     generation.attach(xm, model)
-    return xm
+    xm.captures, xm.forward = Captures.of(captured, model), SignedForward(xm, model)
+    return xm.train(model.training)
 
 
 @outside_inference_mode

@@ -39,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
@@ -68,6 +69,12 @@ class ExpertsTag(Tag):
     """The experts call of ``layer`` (and its scalings' select) in pass ``pass_name``."""
 
     pass_name: str
+
+
+def two_pass_spec(spec: pytree.TreeSpec) -> pytree.TreeSpec:
+    """The output spec of a ``TwoPassGraph`` rewrite of a graph whose output spec is ``spec``: ``(output,
+    scalings)``."""
+    return pytree.TreeSpec(tuple, None, [spec, pytree.treespec_leaf()])
 
 
 def pass_of(node: torch.fx.Node) -> PassCopy | None:
