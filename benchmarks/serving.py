@@ -159,7 +159,7 @@ def aoti(s: Settings) -> Row:
         mixed, mapping = torch._inductor.aoti_load_package(str(path)), fxa.adapter_mapping(path)
     ids = torch.tensor([mapping[n] for n in names])
     calls = {"base": m.eager(m.base_model()), "ours": m.ours(am),
-             "folded": lambda: folded(*m.inputs().values())["logits"],
+             "folded": lambda: folded(**m.inputs())["logits"],
              "ours_mixed": m.ours(am, adapter_names=names),
              "mixed": lambda: mixed(**m.inputs(), adapter_ids=ids)["logits"]}
     with torch.inference_mode():

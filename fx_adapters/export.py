@@ -6,7 +6,7 @@
 >>> x = torch.randn(3, 4)
 >>> path = fxa.export(am, os.path.join(tempfile.mkdtemp(), "model.pt2"), example_inputs=(x,))
 >>> loaded = torch.export.load(path).module()  # in any process: no fx_adapters import needed
->>> torch.equal(loaded(x), am.fold()(x))
+>>> torch.equal(loaded(input=x), am.fold()(x))  # by keyword: 'input' is what torch.fx named nn.Sequential's input
 True
 """
 
@@ -23,7 +23,9 @@ from torch.export import Dim
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from .graph import bnb
+from .graph.graph_module import copy_graph_module
 from .graph.match import layer_kind
+from .graph.passes import PlainOutput, run_passes
 from .graph.tags import is_tagged
 from .road.serving_export import ADAPTER_IDS, MAPPING_FILE
 
@@ -38,26 +40,33 @@ def export(module: torch.nn.Module, path: str | os.PathLike, example_inputs: tup
     active adapter is folded first (``am.fold()``; an AdaptedModule with merged adapters must be unmerged).
 
     The file loads with ``torch.export.load(path).module()`` without importing fx_adapters. Call the loaded
-    module with the model's tensor inputs **positionally**, in the folded module's order
-    (``inspect.signature(folded.forward)``, e.g. ``(input_ids, attention_mask)``). It returns what the folded
-    module returns, bit for bit: built-in containers, e.g. a dict ``{"logits": tensor}`` for a transformers
-    model, or a tensor for a module returning one.
+    module **by keyword** with the model's inputs, e.g. ``m(input_ids=ids, attention_mask=mask)``. It returns what
+    the folded module returns, bit for bit, in built-in containers: a dict ``{"logits": tensor}`` for a transformers
+    model (``torch.export.load`` cannot rebuild a transformers ``ModelOutput`` in a process that has not imported
+    transformers: its pytree type is not registered there), a tensor for a module returning one.
 
-    Dims that were dynamic at capture stay dynamic (batch and sequence for transformers models). Examples,
-    bound like the folded module's inputs, are optional for graphs captured by ``torch.export`` (every
-    transformers model: ones of the captured example shapes are used); a module captured by symbolic
-    tracing needs them, and every dim of its inputs is then exported as ``Dim.AUTO``.
+    Which inputs: a ``torch.export`` program has a fixed set of inputs, none optional (its module checks the keywords
+    it is given against them), so one file cannot take both ``m(input_ids=ids)`` and ``m(input_ids=ids,
+    attention_mask=mask)``. Without examples the program takes every input of the folded module
+    (``inspect.signature(folded.forward)``: ``input_ids`` and ``attention_mask`` for a transformers model, what a
+    tokenizer returns, so padded batches work; pass ``attention_mask=torch.ones_like(ids)`` for none). With examples
+    it takes the inputs they give: ``example_kwargs={"input_ids": ids}`` writes a program called as
+    ``m(input_ids=ids)``, the folded module's default (an all-ones mask) built in. Examples, bound like the folded
+    module's inputs, are optional for graphs captured by ``torch.export`` (every transformers model: ones of the
+    captured example shapes are used); a module captured by symbolic tracing needs them, and every dim of its inputs
+    is then exported as ``Dim.AUTO``. Dims that were dynamic at capture stay dynamic (batch and sequence for
+    transformers models).
 
-    ``mixed_batch=True`` (an ``AdaptedModule``): the unmerged graph with every adapter's tables, called **by
-    keyword** with the model's inputs and ``adapter_ids``, a ``(batch,)`` int64 tensor (0 = ``__base__``, then
-    the adapters of ``am.adapters`` in order: the file's extra file ``adapters.json``, read with
+    ``mixed_batch=True`` (an ``AdaptedModule``): the unmerged graph with every adapter's tables, called by keyword
+    with the model's inputs (chosen as above) and ``adapter_ids``, a ``(batch,)`` int64 tensor (0 = ``__base__``,
+    then the adapters of ``am.adapters`` in order: the file's extra file ``adapters.json``, read with
     ``torch.export.load(path, extra_files={"adapters.json": ""})``); an id out of range raises. See
     ``fx_adapters/road/serving_export.py``.
 
     ``aot_inductor=True``: an AOTInductor package instead (``torch._inductor.aoti_compile_and_package``; takes
     a minute; CPU needs a C++ compiler), loaded with ``torch._inductor.aoti_load_package(path)`` and called by
-    keyword. It does not check its inputs: pass contiguous tensors of the exported dtypes (int64 ids).
-    With ``mixed_batch=True`` it holds ``adapters.json`` too (``adapter_mapping(path)`` reads it).
+    keyword with the same inputs. It does not check its inputs: pass contiguous tensors of the exported dtypes (int64
+    ids). With ``mixed_batch=True`` it holds ``adapters.json`` too (``adapter_mapping(path)`` reads it).
 
     A model with bitsandbytes layers cannot be exported (``torch.export`` cannot trace them): ``ValueError``.
     """
@@ -85,25 +94,34 @@ def _folded_program(module: torch.nn.Module, example_inputs: tuple | None, examp
         raise ValueError(f"export: this graph still applies adapters (nodes {adapted[:3]}); pass the AdaptedModule "
                          "or its am.fold()")
     args, dims = _examples(module, example_inputs, example_kwargs)
+    plain = copy_graph_module(module)
+    run_passes(plain, [PlainOutput()])
     with torch.no_grad():
-        return torch.export.export(module, tuple(args.values()), dynamic_shapes=tuple(dims.values()), strict=False)
+        return torch.export.export(plain, (), args, dynamic_shapes=dims, strict=False)
 
 
 def _examples(module: torch.fx.GraphModule, example_inputs: tuple | None, example_kwargs: dict | None,
               made: dict | None = None) -> tuple[dict, dict]:
-    """Input name -> example and -> dynamic dims for each placeholder of ``module`` (``made``: examples of inputs
-    the caller makes)."""
+    """Input name -> example and -> dynamic dims for each input of the program (``export``'s docstring): every
+    placeholder of ``module`` without examples; with examples, those they give and those without a default
+    (``made``: examples of inputs the caller makes, not counted as given)."""
+    made = made or {}
+    signature = inspect.signature(module.forward)
+    signature = signature.replace(parameters=[p for p in signature.parameters.values() if p.name not in made])
     try:
-        bound = inspect.signature(module.forward).bind_partial(*(example_inputs or ()), **(example_kwargs or {}))
+        bound = signature.bind_partial(*(example_inputs or ()), **(example_kwargs or {}))
     except TypeError as e:
-        raise TypeError(f"export: {e}; the module's inputs are {inspect.signature(module.forward)}") from None
+        raise TypeError(f"export: {e}; the module's inputs are {signature}") from None
+    chosen = any(value is not None for value in bound.arguments.values())
     args, dims = {}, {}
     for node in module.graph.find_nodes(op="placeholder"):
         val = node.meta.get("val")
         example = bound.arguments.get(node.target)
-        if (made or {}).get(node.target) is not None:
+        if made.get(node.target) is not None:
             example, val = made[node.target], None
             dims[node.target] = {0: Dim.DYNAMIC}
+        elif example is None and chosen and node.args:
+            continue  # optional and left out: the module's default is built into the program
         elif example is None and val is None:
             raise ValueError(f"export: no example for input {node.target!r} and no shape metadata to make one "
                              "(the model was captured by symbolic tracing); pass example_inputs or example_kwargs")

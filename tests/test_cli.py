@@ -31,6 +31,7 @@ WORKERS = min(4, max(2, os.cpu_count() or 2))  # the commands run this many at a
 Q_PROJ = "model.layers.0.self_attn.q_proj"
 UP_PROJ = "model.layers.1.mlp.up_proj.weight"  # missing from incomplete-llama's checkpoint
 BATCH = token_batch(3, 7, left_pad=2)  # (input_ids, attention_mask) the outputs are compared on
+KEYWORDS = dict(zip(("input_ids", "attention_mask"), BATCH))  # the same, as a .pt2 takes them
 
 DEMO = ("demo",)
 INSPECT = ("inspect", "my-llama", "--target-modules", "all-linear", "--exclude", "down_proj")
@@ -241,7 +242,7 @@ def test_demo_out_keeps_a_pt2_that_computes_the_math_adapter_eagerly(tmp_path, m
     assert tour(UI(quiet=True), str(tmp_path / "out")) == 0
     (am,) = compiled  # its adapters' parameters are the ones the tour drew
     with torch.no_grad():
-        got = torch.export.load(tmp_path / "out" / "demo.pt2").module()(*BATCH)["logits"]
+        got = torch.export.load(tmp_path / "out" / "demo.pt2").module()(**KEYWORDS)["logits"]
         want = eager_road_forward(tiny_llama(), lambda model, _: model(*BATCH).logits,
                                   {"math": (am.peft_config["math"], road_params_of(am, "math"))}, ["math"])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
@@ -311,7 +312,7 @@ def test_merge_verifies_the_export_against_the_unmerged_model(ws):
 
 def test_merged_pt2_computes_what_peft_computes(ws):
     ok(ws, *MERGE)
-    got = torch.export.load(ws / "merged.pt2").module()(*BATCH)["logits"]
+    got = torch.export.load(ws / "merged.pt2").module()(**KEYWORDS)["logits"]
     torch.testing.assert_close(got, peft_logits(ws), atol=1e-5, rtol=0)
 
 
@@ -327,7 +328,7 @@ def test_saved_checkpoint_loads_with_from_pretrained_and_computes_what_peft_comp
 
 def test_merge_adapter_name_picks_the_adapter_peft_saved_under_that_name(ws):
     ok(ws, *MERGE_OTHER)
-    got = torch.export.load(ws / "other.pt2").module()(*BATCH)["logits"].float()
+    got = torch.export.load(ws / "other.pt2").module()(**KEYWORDS)["logits"].float()
     want = peft_logits(ws, "my-road-adapter/other", torch.bfloat16).float()
     exact = peft_logits(ws, "my-road-adapter/other")  # PEFT in float32
     # bfloat16 rounds: within two bfloat16 steps of logits below 1 (1e-2 of the adapter's effect) of PEFT in

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import pickle
 
 import pytest
@@ -293,6 +294,61 @@ def test_folded_module_is_standalone(adapted):
     assert "road" not in folded.code and "fx_adapters" not in folded.code
 
 
+@pytest.fixture(scope="module")
+def folded_llama():
+    """A random RoAd adapter as PEFT makes it, PEFT's merged model (the oracle) and our fold of the same adapter."""
+    model = build_hf("llama")
+    torch.manual_seed(5)
+    peft_model = peft_road(model, variant="road_2", group_size=8, init_weights=False, target_modules="all-linear")
+    am = fxa.compile_with_road(model, fxa.RoadConfig(variant="road_2", group_size=8, target_modules="all-linear"))
+    am.load_adapter(get_peft_model_state_dict(peft_model), adapter_name="default")
+    return model, peft_model.merge_and_unload(), am.fold()
+
+
+def test_folded_module_is_called_like_the_model_and_equals_peft_merged(folded_llama):
+    model, merged, folded = folded_llama
+    ids, mask = token_batch(3, 7, left_pad=3)
+    with torch.no_grad():
+        without_mask, with_mask = merged(input_ids=ids).logits, merged(input_ids=ids, attention_mask=mask).logits
+        for out in (folded(input_ids=ids), folded(ids), folded(ids, None),
+                    folded(input_ids=ids, attention_mask=torch.ones_like(ids))):
+            torch.testing.assert_close(out.logits, without_mask, atol=ATOL, rtol=0)
+        for out in (folded(ids, mask), folded(attention_mask=mask, input_ids=ids), folded(ids, mask.bool())):
+            torch.testing.assert_close(out.logits, with_mask, atol=ATOL, rtol=0)
+        assert (without_mask - with_mask).abs().max() > 1e-3  # the padded mask matters: the check above is not vacuous
+
+
+def test_folded_module_returns_the_models_output_class(folded_llama):
+    model, _, folded = folded_llama
+    ids, _ = token_batch(2, 5)
+    with torch.no_grad():
+        out, want = folded(input_ids=ids), model(input_ids=ids, use_cache=False)  # the fold's capture: no cache
+    assert type(out) is type(want) and list(out.keys()) == list(want.keys()) == ["logits"]
+    assert out.logits is out["logits"] is out[0] and out.to_tuple()[0] is out.logits
+
+
+def test_folded_signature_lists_the_models_inputs_with_the_mask_optional(folded_llama):
+    _, _, folded = folded_llama
+    parameters = inspect.signature(folded.forward).parameters
+    assert list(parameters) == ["input_ids", "attention_mask"]
+    assert parameters["input_ids"].default is inspect.Parameter.empty and parameters["attention_mask"].default is None
+
+
+@pytest.mark.parametrize("name", ["labels", "token_type_ids", "pixel_values"])
+def test_an_input_the_folded_module_does_not_take_raises_a_type_error_naming_it(folded_llama, name):
+    _, _, folded = folded_llama
+    ids, _ = token_batch(2, 5)
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{name}'"):
+        folded(input_ids=ids, **{name: ids})
+
+
+def test_a_symbolically_traced_module_folds_to_its_own_signature_and_returns_a_tensor(adapted):
+    _, am = adapted("mlp")
+    folded = am.fold("init")
+    assert list(inspect.signature(folded.forward).parameters) == ["X"]
+    assert type(folded(X=mlp_input())) is torch.Tensor
+
+
 def test_fold_leaves_the_model_and_the_adapted_module_untouched(adapted):
     model, am = adapted("gpt2")
     before = {n: (p, p.detach().clone()) for n, p in [*model.named_parameters(), *am.named_parameters()]}
@@ -314,15 +370,20 @@ def test_fold_replaces_only_the_targeted_weights(adapted):
     assert new == {f"transformer.h.{i}.mlp.c_fc.{p}" for i in range(2) for p in ("weight", "bias")}
 
 
-def test_folded_output_is_a_plain_dict_across_pickle_and_deepcopy(adapted):
-    _, am = adapted("qwen2")
+def test_a_deepcopy_keeps_the_output_class_and_a_pickle_returns_a_plain_dict_of_the_same_tensors(adapted):
+    """Pickling a GraphModule re-traces its code, and torch.fx turns the ModelOutput into a dict (documented); the mask
+    default survives both (it is a torch op, not Python control flow)."""
+    model, am = adapted("qwen2")
     folded = am.fold("init")
-    expected = run("qwen2", folded)
-    for clone in (pickle.loads(pickle.dumps(folded)), copy.deepcopy(folded)):
-        ids, mask = token_batch(2, 6, left_pad=2)
-        with torch.no_grad():
-            out = clone(ids, mask)
-        assert type(out) is dict and list(out) == ["logits"] and torch.equal(out["logits"], expected)
+    ids, mask = token_batch(2, 6, left_pad=2)
+    with torch.no_grad():
+        expected = {"mask": folded(ids, mask).logits, "none": folded(ids).logits}
+        for clone, output_type in ((copy.deepcopy(folded), type(model(input_ids=ids))),
+                                   (pickle.loads(pickle.dumps(folded)), dict)):
+            outs = {"mask": clone(ids, mask), "none": clone(input_ids=ids)}
+            for key, out in outs.items():
+                assert type(out) is output_type and list(out) == ["logits"]
+                assert torch.equal(out["logits"], expected[key])
 
 
 def test_fold_of_a_merged_module_is_refused(adapted):

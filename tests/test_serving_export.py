@@ -4,6 +4,7 @@ rows overwritten in the loaded program; clear refusals."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
@@ -98,6 +99,20 @@ def test_one_adapters_rows_are_overwritten_in_the_loaded_program_without_reexpor
         with torch.no_grad():
             for site, p in params.items():
                 p.copy_(old[site])
+
+
+def test_a_multi_adapter_pt2_exported_from_input_ids_alone_is_called_without_a_mask(served, tmp_path):
+    """The examples choose the program's inputs: input_ids only, the model's all-ones mask built in."""
+    am, _ = served
+    ids, _ = token_batch(2, 8)
+    path = fxa.export(am, tmp_path / "ids.pt2", example_kwargs={"input_ids": ids}, mixed_batch=True)
+    module = torch.export.load(path).module()
+    assert list(inspect.signature(module.forward).parameters) == ["input_ids", "adapter_ids"]
+    ids, _ = token_batch(3, 6, seed=4)
+    with torch.inference_mode():
+        want = am(input_ids=ids, adapter_names=["d", "__base__", "b"]).logits
+        got = module(input_ids=ids, adapter_ids=torch.tensor([3, 0, 1]))["logits"]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 def test_exporting_without_adapters_merged_or_with_modules_to_save_says_what_to_do(tmp_path):

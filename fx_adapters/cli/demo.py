@@ -71,7 +71,7 @@ def tour(ui, out_dir: str | None = None) -> int:
         step("reloading the .pt2")
         batch = random_batch(VOCAB)
         with torch.no_grad():
-            loaded = torch.export.load(path).module()(batch["input_ids"], batch["attention_mask"])["logits"]
+            loaded = torch.export.load(path).module()(**batch)["logits"]
             expected = am(**batch).logits
         diff = (loaded - expected).abs().max().item()
         export_ok = diff <= TOLERANCE

@@ -1,9 +1,9 @@
 """Merge adapters into an ``AdaptedModule``'s weights, fold one into a standalone GraphModule, and back.
 
 ``merge``/``unmerge`` work in place with PEFT's semantics; ``fold`` returns a new ``torch.fx.GraphModule``
-with the base model's graph and folded weights; ``unfold`` recovers the base weights from a folded module.
-All of them rotate weight rows with the closed-form 2×2 blocks of ``fold.py``. ``MergeState`` holds what a
-module has merged and does the work on the graph module and the ``Fold``s it is given.
+with the base model's graph and folded weights, called like the model; ``unfold`` recovers the base weights from a
+folded module. All of them rotate weight rows with the closed-form 2×2 blocks of ``fold.py``. ``MergeState`` holds
+what a module has merged and does the work on the graph module and the ``Fold``s it is given.
 
 >>> import torch, fx_adapters as fxa
 >>> from torch import nn
@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 
 from ..graph.graph_module import assign_tensor, copy_graph_module, outside_inference_mode
-from ..graph.passes import PlainOutput, run_passes
+from ..graph.passes import DefaultAttentionMask, RebuildOutput, run_passes
 from .fold import Fold, RotateWeights, StripRoad, requantization_warning
 
 FOLDED_ADAPTER = "folded_adapter"  # key of ``GraphModule.meta`` recording which adapter ``fold`` folded
@@ -106,12 +106,13 @@ class MergeState:
 
     def fold(self, gm: torch.fx.GraphModule, names: Sequence[str], folds: Sequence[Fold],
              copies: Mapping[str, torch.Tensor], out_spec) -> torch.fx.GraphModule:
-        """A copy of ``gm`` with ``folds`` and ``copies`` in its weights and no adapter nodes, returning built-in
-        containers (``graph.passes.PlainOutput``); records ``names`` in its ``meta``."""
+        """A copy of ``gm`` with ``folds`` and ``copies`` in its weights and no adapter nodes, called like the model
+        (``attention_mask`` optional) and returning its output type (``graph.passes.DefaultAttentionMask``,
+        ``RebuildOutput``); records ``names`` in its ``meta``."""
         folded = copy_graph_module(gm)
         self.rotate(folded, folds)
         assign_all(folded, copies)
-        run_passes(folded, [StripRoad(), PlainOutput(out_spec)])
+        run_passes(folded, [StripRoad(), DefaultAttentionMask(), RebuildOutput(out_spec)])
         folded.meta[FOLDED_ADAPTER] = list(names)
         return folded
 

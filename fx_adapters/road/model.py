@@ -276,11 +276,11 @@ class AdaptedModule(CompileMixin, nn.Module):
 
         ``adapter_name`` is a name or a list composed in order (default: the active adapters). The module
         holds the base graph (no RoAd nodes, no fx_adapters code), new tensors for the folded weights and
-        biases, and shares every other tensor with this module. Call it with the model's tensor inputs, all
-        of them (no defaults), positionally (``inspect.signature(folded.forward)``) or by name, e.g.
-        ``folded(input_ids=ids, attention_mask=mask)``. It returns the model's output in built-in containers:
-        ``{"logits": ...}`` for a transformers ``ModelOutput``, a tensor for a module returning one (see
-        ``graph.passes.PlainOutput``).
+        biases, and shares every other tensor with this module. Call it like the model, by keyword or positionally,
+        with this module's graph inputs (``(input_ids, attention_mask=None)`` for a transformers model; the mask
+        defaults as in the model); other inputs raise ``TypeError`` naming them. It returns the model's output type
+        (``CausalLMOutputWithPast``; a tensor for a module returning one; a pickled copy, which torch.fx re-traces,
+        returns a plain ``dict`` of the same tensors). See ``graph.passes`` ``DefaultAttentionMask``.
         """
         names = self._adapter_list(adapter_name, "fold")
         if self.merged:

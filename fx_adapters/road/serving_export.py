@@ -8,7 +8,9 @@ From the module's graph (a copy; the module is untouched):
 - a bounds check in the graph: an id outside ``[0, len(mapping))`` raises
   ``RuntimeError: adapter_ids out of range …`` instead of reading another row;
 - each layer's tables ``road_adapters.<layer>.table_g<g>`` and slot maps ``road_adapters.<layer>.slots_g<g>``
-  (``adapter_ids`` -> row) become persistent buffers of the program; the output becomes plain containers.
+  (``adapter_ids`` -> row) become persistent buffers of the program; ``attention_mask`` becomes optional (all ones,
+  as in the model: ``export`` leaves it out of the program when examples leave it out) and the output becomes plain
+  containers (``{"logits": ...}``).
 
 Overwriting one adapter's rows in a loaded program (new columns ``(2, out)``, e.g. from ``am.folds(name)``)::
 
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 
 from ..graph.graph_module import copy_graph_module
-from ..graph.passes import PlainOutput, run_passes
+from ..graph.passes import DefaultAttentionMask, PlainOutput, RebuildOutput, run_passes
 from .config import BASE
 from .rewrite import ADAPTERS_ATTR, INDEX_INPUT, road_layers
 
@@ -75,5 +77,5 @@ def mixed_batch_graph(gm: torch.fx.GraphModule, out_spec, adapters: Sequence[str
         graph.call_function(torch._assert_async, (inside, f"adapter_ids out of range: every id must be in [0, "
                                                           f"{len(mapping)}) (0 = {BASE}, then the adapters of "
                                                           f"{MAPPING_FILE})"))
-    run_passes(mixed, [PlainOutput(out_spec)])
+    run_passes(mixed, [DefaultAttentionMask(), RebuildOutput(out_spec), PlainOutput()])
     return mixed, mapping
