@@ -111,7 +111,8 @@ def test_merged_outputs_equal_unmerged_outputs(adapted, arch, setting):
     with adapter(am, *SETTINGS[family(arch)][setting]):
         expected = run(arch, am)
         am.merge()
-        torch.testing.assert_close(run(arch, am), expected, atol=ATOL, rtol=0)
+        # R·W rounds differently from W then R: the MLP's outputs reach ~60, where 1e-5 is ~1 ulp (flaky with rtol=0)
+        torch.testing.assert_close(run(arch, am), expected, atol=ATOL, rtol=1e-6)
 
 
 @pytest.mark.parametrize("arch, variant, group_size", [
