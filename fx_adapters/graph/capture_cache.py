@@ -42,7 +42,7 @@ from torch.export import Dim
 from .capture import WRAPPED, CaptureError, bnb_stand_ins, capture_error, flat_graph_module
 from .graph_module import mark_non_persistent_buffers, owned_copy
 
-__all__ = ["CacheGraphs", "capture_with_cache", "is_causal_lm"]
+__all__ = ["CacheGraphs", "cache_argument", "capture_with_cache", "is_causal_lm"]
 
 
 @dataclass
@@ -79,7 +79,7 @@ class _CacheInputs(nn.Module):
         super().__init__()
         setattr(self, WRAPPED, model)
         self.names = names
-        self.cache_arg = _cache_argument(model)
+        self.cache_arg = cache_argument(model)
 
     def forward(self, *inputs):
         from transformers import DynamicCache
@@ -90,7 +90,7 @@ class _CacheInputs(nn.Module):
         return (out.logits, *_flat_cache(out))
 
 
-def _cache_argument(model: nn.Module) -> str:
+def cache_argument(model: nn.Module) -> str:
     """The name of ``model.forward``'s KV-cache argument: ``cache`` from transformers 5.24, ``past_key_values``
     before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -42,11 +42,13 @@ import torch
 from torch import nn
 
 from .capture import CaptureError
-from .capture_cache import CacheGraphs, capture_with_cache, is_causal_lm
+from .capture_cache import CacheGraphs, cache_argument, capture_with_cache, is_causal_lm
 from .graph_module import outside_inference_mode, owned_copy, read_from
+from .signature import bind_call
 
-__all__ = ["REFUSED", "GenerationSource", "Step", "StepLM", "attach", "base_step", "batch_size", "forward_with_cache",
-           "generate", "graph_step", "module_types", "past_or_empty", "source_of"]
+__all__ = ["REFUSED", "GenerationSource", "Step", "StepLM", "attach", "base_step", "batch_size", "cache_tensors",
+           "cached_call_arguments", "forward_with_cache", "generate", "graph_step", "module_types", "past_or_empty",
+           "source_of", "store_cache"]
 
 
 Step = Callable[[tuple, tuple], tuple[torch.Tensor, tuple]]  # (model inputs, cache or ()) -> (logits, new cache)
@@ -255,6 +257,16 @@ CACHE_ARGUMENTS = ("cache", "past_key_values")
 """The names of a model's KV-cache argument (``cache`` from transformers 5.24, ``past_key_values`` before)."""
 SERVED = {"input_ids", "attention_mask", "position_ids", "use_cache", "return_dict", *CACHE_ARGUMENTS}
 """What ``forward_with_cache`` takes; anything else given with ``use_cache=True`` raises ``CaptureError``."""
+
+
+def cached_call_arguments(source: GenerationSource, args: tuple, kwargs: dict) -> tuple[dict, dict]:
+    """A ``use_cache=True`` call bound to the model's ``forward``: (tensors, other arguments) by name, the cache under
+    the model's name for it (``past_key_values``, which transformers 5.24 still takes, becomes ``cache``)."""
+    name = cache_argument(source.model)
+    other = next(n for n in CACHE_ARGUMENTS if n != name)
+    if other in kwargs and name not in kwargs:
+        kwargs = {**{k: v for k, v in kwargs.items() if k != other}, name: kwargs[other]}
+    return bind_call(source.model, args, kwargs)
 
 
 def forward_with_cache(step: Step, source: GenerationSource, values: dict, flags: dict, training: bool):

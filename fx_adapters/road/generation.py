@@ -12,7 +12,6 @@ import torch
 
 from ..graph import generation
 from ..graph.graph_module import read_from
-from ..graph.signature import bind_call
 from .captures import road_rewrite
 
 
@@ -46,7 +45,7 @@ def forward_road_with_cache(am, args: tuple, kwargs: dict, adapter_names: Sequen
     """``AdaptedModule.forward(*args, **kwargs)`` with ``use_cache=True``: the model's output with its KV cache, over
     the step graph ``generate`` uses (no capture of its own); ``generation.forward_with_cache``."""
     source = generation.source_of(am)
-    values, flags = bind_call(source.model, args, kwargs)
+    values, flags = generation.cached_call_arguments(source, args, kwargs)
     ids = values.get("input_ids")
     index = am.road_input(adapter_names, None if ids is None else ids.shape[0], adapter_name)
     return generation.forward_with_cache(road_step(am, source, index), source, values, flags, am.training)

@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 
 from ..graph import generation
+from ..graph.capture import CaptureError
 from ..graph.graph_module import copy_graph_module, read_from
 from ..graph.match import find_embedding_layers, find_linear_layers, layer_key, output_head
 from ..graph.passes import run_passes
@@ -44,6 +45,16 @@ def check_decode_scalings(value, where: str, generating: bool = True) -> None:
         raise ValueError(f"{where}: decode_scalings='prompt' applies to generate only (allowed values: "
                          f"{', '.join(map(repr, DECODE_SCALINGS))}); a forward call computes every token's scalings. "
                          "Call generate(..., decode_scalings='prompt') or drop the argument")
+
+
+def check_forward_arguments(decode_scalings, kwargs: dict, where: str) -> None:
+    """A forward call takes no ``decode_scalings="prompt"`` and no ``use_cache=True`` (the scaling pass needs a cache of
+    its own, which a cache fed back as the model's cannot hold: ``generate`` keeps both)."""
+    check_decode_scalings(decode_scalings, where, generating=False)
+    if kwargs.get("use_cache"):
+        raise CaptureError(f"{where}: use_cache=True is not served by X-LoRA modules: the scaling pass needs a KV "
+                           "cache of its own, which the model's cache cannot carry; call generate() for cached "
+                           "decoding (it keeps both passes' caches), or leave use_cache out")
 
 
 def _xlora_graph(xm, fixed_scalings: bool) -> Callable[[generation.GenerationSource], torch.fx.GraphModule]:

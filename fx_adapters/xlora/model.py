@@ -41,7 +41,7 @@ from ..graph.torch_compile import CompileMixin
 from . import checkpoint
 from .config import XLoraConfig, check_number, check_top_k
 from .experts import LoraExpert, check_experts, read_lora_expert, stack_experts
-from .generation import check_decode_scalings, generate_xlora
+from .generation import check_forward_arguments, generate_xlora
 from .modules import XLoraClassifier, route_scalings
 from .passes import CLASSIFIER_ATTR, xlora_passes
 
@@ -87,7 +87,7 @@ class XLoraModule(CompileMixin, nn.Module):
         return self._disabled
 
     def forward(self, *args, decode_scalings: str = "token", **kwargs):
-        check_decode_scalings(decode_scalings, f"{type(self).__name__}.forward", generating=False)
+        check_forward_arguments(decode_scalings, kwargs, f"{type(self).__name__}.forward")
         if self._disabled:
             return self._captured.call(self._base_graph_module(), *args, **kwargs)
         output, scalings = self._two_pass.call(self._graph_to_call(), *args, extra=self.graph_inputs(), **kwargs)
