@@ -1,11 +1,13 @@
 """Generation with KV caches gives PEFT's ``generate`` output token for token: X-LoRA (PEFT re-runs both passes on the
 whole sequence each step; ours caches both) and RoAd (single adapter, mixed batches), on tiny Llama and Qwen2.
 
-Each module captures its cached graphs once, at its first ``generate``; the fixtures are per module and architecture.
+Each module captures its cached step graph once, at its first ``generate`` (or ``forward(use_cache=True)``, which
+gives PEFT's logits and a cache to feed back); the fixtures are per module and architecture.
 """
 
 from __future__ import annotations
 
+import copy
 import pickle
 from types import SimpleNamespace
 
@@ -14,11 +16,19 @@ import torch
 from conftest import build_hf, peft_road, token_batch
 from peft import RoadConfig as PeftRoadConfig
 from torch import nn
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    DynamicCache,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.streamers import BaseStreamer
 from xlora_helpers import peft_classifier_state, peft_xlora, save_experts
 
 import fx_adapters as fxa
+from fx_adapters.graph.capture import CaptureError
 
 pytestmark = pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`:UserWarning",
                                         "ignore:`isinstance(treespec, LeafSpec)`:FutureWarning")
@@ -281,6 +291,137 @@ def test_road_generate_follows_adapters_added_after_it_ran(road):
     finally:
         road.ours.delete_adapter("late")
     assert torch.equal(got, peft_generate(road.peft, ids, mask, adapter_names=["second"] * 3))
+
+
+# ----------------------------------------------------------------------------------- forward(use_cache=True)
+
+
+def peft_forward(model, **kwargs):
+    with torch.no_grad():
+        return model(**kwargs, use_cache=True)
+
+
+@pytest.fixture(scope="module")
+def cached(road):
+    """``road`` with a module of its own, loaded from the same PEFT directory: the shared module's merge → unmerge
+    (an earlier test) leaves its outputs ~1e-4 from PEFT's, which is not what these tests are about."""
+    ours = fxa.compile_with_road(road.model, fxa.RoadConfig(group_size=8, target_modules=["q_proj"]),
+                                 adapter_name="init")
+    ours.load_adapter(road.directory, adapter_name="first")
+    ours.load_adapter(road.directory / "second", adapter_name="second")
+    ours.set_adapter("first")
+    return SimpleNamespace(model=road.model, peft=road.peft, ours=ours.eval())
+
+
+def test_use_cache_forward_fed_back_token_by_token_gives_peft_logits_and_cache(cached):
+    """A left-padded prompt, then one token at a time: each call takes the cache the previous one returned."""
+    ids, mask = padded_batch()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    prompt = dict(input_ids=ids[:, :4], attention_mask=mask[:, :4], position_ids=positions[:, :4])
+    expected = peft_forward(cached.peft, **prompt)
+    with torch.no_grad():
+        got = cached.ours(**prompt, use_cache=True)
+    for end in range(5, ids.shape[1] + 1):
+        torch.testing.assert_close(got.logits, expected.logits, atol=1e-5, rtol=0)
+        step = dict(input_ids=ids[:, end - 1:end], attention_mask=mask[:, :end], position_ids=positions[:, end - 1:end])
+        expected = peft_forward(cached.peft, **step, cache=expected.cache)
+        with torch.no_grad():
+            got = cached.ours(**step, cache=got.cache, use_cache=True)
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-5, rtol=0)
+    assert got.cache.get_seq_length() == ids.shape[1]
+    for ours, theirs in zip(got.cache.layers, expected.cache.layers, strict=True):
+        torch.testing.assert_close(ours.keys, theirs.keys, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours.values, theirs.values, atol=1e-5, rtol=0)
+
+
+def test_use_cache_forward_continues_a_cache_the_model_made_with_a_mixed_batch(cached):
+    """A cache from the base model's own forward, fed as ``past_key_values``, then two new tokens at once; per-sample
+    adapters (``__base__`` gives the model itself)."""
+    ids, _ = token_batch(2, 7)
+    with torch.no_grad():
+        made = cached.model(input_ids=ids[:, :5], use_cache=True).cache
+        got = cached.ours(input_ids=ids[:, 5:], past_key_values=copy.deepcopy(made), use_cache=True,
+                        adapter_names=["second", "__base__"])
+    expected = peft_forward(cached.peft, input_ids=ids[:, 5:], cache=copy.deepcopy(made),
+                            adapter_names=["second", "__base__"])
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-5, rtol=0)
+    with torch.no_grad():  # the model's own continuation of its cache, for the __base__ row
+        torch.testing.assert_close(got.logits[1], cached.model(input_ids=ids[1:, 5:], cache=_row(made, 1),
+                                                             use_cache=True).logits[0], atol=1e-5, rtol=0)
+    assert not torch.allclose(got.logits[0], cached.model(input_ids=ids[:1], use_cache=False).logits[0, 5:], atol=1e-3)
+
+
+def _row(cache, row: int):
+    cache = copy.deepcopy(cache)
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[row:row + 1], layer.values[row:row + 1]
+    return cache
+
+
+def test_use_cache_forward_without_a_cache_returns_the_model_tuple_with_return_dict_false(cached):
+    ids, _ = token_batch(2, 5)
+    with torch.no_grad():
+        logits, cache = cached.ours(input_ids=ids, use_cache=True, return_dict=False)
+    expected = peft_forward(cached.peft, input_ids=ids)
+    torch.testing.assert_close(logits, expected.logits, atol=1e-5, rtol=0)
+    assert cache.get_seq_length() == 5
+
+
+@pytest.mark.parametrize(("arguments", "named"), [
+    (lambda ids: dict(labels=ids), "'labels'"),
+    (lambda ids: dict(attention_mask=torch.ones_like(ids).index_fill(1, torch.tensor([0]), 0)), "position_ids"),
+    (lambda ids: dict(cache=DynamicCache(config=build_hf("mistral", sliding_window=4).config)), "DynamicSlidingWindow"),
+    (lambda ids: dict(train=True), "eval mode"),
+])
+def test_use_cache_forward_it_cannot_serve_raises_a_capture_error_naming_the_argument(cached, arguments, named):
+    ids, _ = token_batch(2, 5)
+    kwargs = arguments(ids)
+    cached.ours.train(kwargs.pop("train", False))
+    try:
+        with pytest.raises(CaptureError, match=named):
+            cached.ours(input_ids=ids, use_cache=True, **kwargs)
+    finally:
+        cached.ours.eval()
+
+
+def test_xlora_forward_with_use_cache_raises_a_capture_error_pointing_to_generate(xlora):
+    with pytest.raises(CaptureError, match=r"use_cache=True.*call generate\(\)"):
+        xlora.ours(input_ids=token_batch(1, 4)[0], use_cache=True)
+
+
+# ------------------------------------------------------------------------------------------------ captures
+
+
+def test_generate_after_forward_exports_one_graph_and_use_cache_forward_reuses_it(monkeypatch):
+    """The prompt and the decode steps share one cached step graph: generate's cold start is one capture; neither a
+    second generate, nor forward with use_cache=True, nor X-LoRA's prompt-scalings mode captures again."""
+    exports = []
+    real_export = torch.export.export
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: exports.append(1) or real_export(*a, **k))
+    model = build_hf("llama")
+    ids, mask = padded_batch()
+    am = fxa.compile_with_road(model, fxa.RoadConfig(group_size=8, target_modules=["q_proj"], init_weights=False))
+    am(input_ids=ids, attention_mask=mask)
+    assert len(exports) == 1
+    am.generate(ids, attention_mask=mask, max_new_tokens=3)
+    am.generate(ids, attention_mask=mask, max_new_tokens=3, num_beams=2)
+    with torch.no_grad():
+        am(input_ids=ids[:, :1], use_cache=True)
+    assert len(exports) == 2
+    xm = fxa.compile_with_xlora(model, fxa.XLoraConfig(adapters={"e0": expert(model, 0), "e1": expert(model, 1)},
+                                                       xlora_size=16))
+    xm.generate(ids, attention_mask=mask, max_new_tokens=3)
+    xm.generate(ids, attention_mask=mask, max_new_tokens=3, decode_scalings="prompt")
+    assert len(exports) == 4
+
+
+def expert(model, seed: int, r: int = 2):
+    """A random LoRA expert on every q_proj of ``model``, as (adapter_config, weights)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
+    return {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r}, {
+        f"model.layers.{i}.self_attn.q_proj.lora_{ab}.weight": torch.randn(shape, generator=g)
+        for i in range(layers) for ab, shape in (("A", (r, hidden)), ("B", (hidden, r)))}
 
 
 # ----------------------------------------------------------------------------------------------- errors

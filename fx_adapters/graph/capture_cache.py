@@ -1,15 +1,16 @@
 """Capture a transformers causal LM with its KV cache as explicit graph inputs and outputs, for generation.
 
-``capture_with_cache(model)`` exports two flat graphs like ``capture``'s (parameters at the model's FQNs,
-``nn_module_stack`` relative to the model, bitsandbytes layers opaque)::
+``capture_with_cache(model)`` exports ONE flat graph like ``capture``'s (parameters at the model's FQNs,
+``nn_module_stack`` relative to the model, bitsandbytes layers opaque) that serves the prompt and every decode step::
 
-    prefill(input_ids, attention_mask, position_ids)                     -> (logits, key_0, value_0, key_1, …)
-    decode(input_ids, attention_mask, position_ids, key_0, value_0, …)   -> (logits, key_0, value_0, key_1, …)
+    step(input_ids, attention_mask, position_ids, key_0, value_0, …) -> (logits, key_0, value_0, key_1, …)
 
-``input_ids`` and ``position_ids`` are ``(batch, new)`` (``new`` is 1 in ``decode``), ``attention_mask`` covers the
-past and the new positions, and each cache tensor is ``(batch, kv_heads, positions, head_dim)``: ``decode`` returns
-them one position longer (the model's ``DynamicCache``, concatenated inside the graph). Batch and lengths are
-dynamic. ``position_ids`` is an input only when the model's ``forward`` takes it (as in ``generate``).
+``input_ids`` and ``position_ids`` are ``(batch, new)``, ``attention_mask`` covers the past and the new positions,
+and each cache tensor is ``(batch, kv_heads, past, head_dim)``; the graph returns them ``new`` positions longer (the
+model's ``DynamicCache``, concatenated inside the graph). Batch, ``new`` and ``past`` are dynamic: the prompt runs
+with an empty past (``empty_cache``: ``past`` = 0) and a decode step with ``new`` = 1, both exactly as the model
+(checked on Llama, Qwen2, GPT-2, OPT: the export is made at sizes ≥ 2 and bakes no branch on them).
+``position_ids`` is an input only when the model's ``forward`` takes it (as in ``generate``).
 
 >>> import torch, transformers
 >>> cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -19,8 +20,9 @@ dynamic. ``position_ids`` is an input only when the model's ``forward`` takes it
 >>> graphs.input_names, graphs.cache_names
 (('input_ids', 'attention_mask', 'position_ids'), ('key_0', 'value_0'))
 >>> ids = torch.randint(0, 64, (1, 5))
->>> logits, *cache = graphs.prefill(ids[:, :4], torch.ones(1, 4, dtype=torch.long), torch.arange(4)[None])
->>> logits, *cache = graphs.decode(ids[:, 4:], torch.ones(1, 5, dtype=torch.long), torch.tensor([[4]]), *cache)
+>>> logits, *cache = graphs.step(ids[:, :4], torch.ones(1, 4, dtype=torch.long), torch.arange(4)[None],
+...                              *graphs.empty_cache(1, ids.device))
+>>> logits, *cache = graphs.step(ids[:, 4:], torch.ones(1, 5, dtype=torch.long), torch.tensor([[4]]), *cache)
 >>> cache[0].shape
 torch.Size([1, 1, 5, 8])
 >>> torch.allclose(logits[:, -1], model(ids).logits[:, -1], atol=1e-5)
@@ -40,19 +42,26 @@ from torch.export import Dim
 from .capture import WRAPPED, CaptureError, bnb_stand_ins, capture_error, flat_graph_module
 from .graph_module import mark_non_persistent_buffers, owned_copy
 
-__all__ = ["CacheGraphs", "capture_with_cache", "is_causal_lm"]
+__all__ = ["CacheGraphs", "cache_argument", "capture_with_cache", "is_causal_lm"]
 
 
 @dataclass
 class CacheGraphs:
-    """The prefill and decode-step graphs of a model (module docstring)."""
+    """The cached step graph of a model (module docstring)."""
 
-    prefill: torch.fx.GraphModule
-    decode: torch.fx.GraphModule
+    step: torch.fx.GraphModule
     input_names: tuple[str, ...]
-    """The model inputs both graphs take first: ``input_ids``, ``attention_mask`` and maybe ``position_ids``."""
+    """The model inputs the graph takes first: ``input_ids``, ``attention_mask`` and maybe ``position_ids``."""
     cache_names: tuple[str, ...]
-    """The cache tensors, in the order ``decode`` takes them after the model inputs and both graphs return them."""
+    """The cache tensors, in the order the graph takes them after the model inputs and returns them."""
+    cache_shapes: tuple[tuple[int, int], ...]
+    """``(kv_heads, head_dim)`` of each cache tensor."""
+    cache_dtype: torch.dtype
+
+    def empty_cache(self, batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The past of a prompt: every cache tensor with no positions."""
+        return tuple(torch.empty(batch, heads, 0, dim, dtype=self.cache_dtype, device=device)
+                     for heads, dim in self.cache_shapes)
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -63,25 +72,25 @@ def is_causal_lm(model: nn.Module) -> bool:
 
 
 class _CacheInputs(nn.Module):
-    """Calls the model on flat tensors — its inputs, then the past keys and values (none in prefill) — with
-    ``use_cache=True``; returns the logits and the new cache, flat."""
+    """Calls the model on flat tensors — its inputs, then the past keys and values — with ``use_cache=True``; returns
+    the logits and the new cache, flat."""
 
     def __init__(self, model: nn.Module, names: tuple[str, ...]):
         super().__init__()
         setattr(self, WRAPPED, model)
         self.names = names
-        self.cache_arg = _cache_argument(model)
+        self.cache_arg = cache_argument(model)
 
     def forward(self, *inputs):
         from transformers import DynamicCache
 
         inputs, past = inputs[:len(self.names)], inputs[len(self.names):]
-        cache = DynamicCache(list(zip(past[::2], past[1::2]))) if past else None
+        cache = DynamicCache(list(zip(past[::2], past[1::2])))
         out = getattr(self, WRAPPED)(**dict(zip(self.names, inputs)), **{self.cache_arg: cache}, use_cache=True)
         return (out.logits, *_flat_cache(out))
 
 
-def _cache_argument(model: nn.Module) -> str:
+def cache_argument(model: nn.Module) -> str:
     """The name of ``model.forward``'s KV-cache argument: ``cache`` from transformers 5.24, ``past_key_values``
     before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -99,8 +108,8 @@ def _flat_cache(output) -> list[torch.Tensor]:
 
 
 def capture_with_cache(model: nn.Module) -> CacheGraphs:
-    """Capture ``model`` (a transformers causal LM, not modified) as prefill and decode graphs; raises
-    ``CaptureError``."""
+    """Capture ``model`` (a transformers causal LM, not modified) as one step graph serving the prompt and the decode
+    steps; raises ``CaptureError``."""
     if not is_causal_lm(model):
         raise CaptureError(f"cannot capture {type(model).__name__} with a KV cache: it is not a transformers model "
                            "with an output head (get_output_embeddings()); generation needs a causal LM")
@@ -108,35 +117,30 @@ def capture_with_cache(model: nn.Module) -> CacheGraphs:
     names = ("input_ids", "attention_mask") + (("position_ids",) if "position_ids" in accepted else ())
     owned = owned_copy(model).eval()
     vocab = model.config.get_text_config().vocab_size
-    ids = torch.randint(0, vocab, (2, 8), device=model.device)  # sizes > 1, or export specializes them
-    mask = torch.ones_like(ids)
-    prompt = {"input_ids": ids, "attention_mask": mask, "position_ids": torch.arange(8, device=ids.device).expand(2, 8)}
-    with torch.no_grad():  # the example cache: the model's own, run eagerly on the prompt
-        cache = _flat_cache(owned(**{n: prompt[n] for n in names}, use_cache=True))
-    step = {"input_ids": ids[:, :1], "attention_mask": mask.new_ones(2, 9),
-            "position_ids": torch.full_like(ids[:, :1], 8)}
-    batch, length = Dim.DYNAMIC, Dim.DYNAMIC
-    prefill_dims = tuple({0: batch, 1: length} for _ in names)
-    step_dims = {"input_ids": {0: batch}, "attention_mask": {0: batch, 1: length}, "position_ids": {0: batch}}
-    decode_dims = tuple(step_dims[n] for n in names) + tuple({0: batch, 2: length} for _ in cache)
+    ids = torch.randint(0, vocab, (2, 10), device=model.device)  # sizes > 1, or export specializes them
+    full = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "position_ids": torch.arange(10, device=ids.device).expand(2, 10)}
+    with torch.no_grad():  # the example past: the model's own cache of the first 8 positions, run eagerly
+        cache = _flat_cache(owned(**{n: full[n][:, :8] for n in names}, use_cache=True))
+    step = {"input_ids": ids[:, 8:], "attention_mask": full["attention_mask"],
+            "position_ids": full["position_ids"][:, 8:]}
+    batch, new, total, past = Dim.DYNAMIC, Dim.DYNAMIC, Dim.DYNAMIC, Dim.DYNAMIC
+    step_dims = {"input_ids": {0: batch, 1: new}, "attention_mask": {0: batch, 1: total},
+                 "position_ids": {0: batch, 1: new}}
+    dims = tuple(step_dims[n] for n in names) + tuple({0: batch, 2: past} for _ in cache)
     cache_names = tuple(f"{kind}_{layer}" for layer in range(len(cache) // 2) for kind in ("key", "value"))
-    graphs = []
-    for what, inputs, dims, placeholder_names in (
-            ("prefill", tuple(prompt[n] for n in names), prefill_dims, names),
-            ("decode", (*(step[n] for n in names), *cache), decode_dims, names + cache_names)):
-        try:
-            with torch.no_grad(), bnb_stand_ins(owned) as bnb_layers:
-                ep = torch.export.export(_CacheInputs(owned, names), inputs, dynamic_shapes=(dims,), strict=False)
-        except Exception as e:
-            raise capture_error(model, f"torch.export.export of the {what} graph with a KV cache", e,
-                                "generation supports decoder-only models with a DynamicCache (e.g. Llama, Qwen2)"
-                                ) from e
-        gm, _ = flat_graph_module(ep.module(check_guards=False), placeholder_names, ep.call_spec.out_spec,
-                                   type(model).__name__, bnb_layers)
-        _drop_empty_concatenations(gm)
-        mark_non_persistent_buffers(gm, owned)
-        graphs.append(gm)
-    return CacheGraphs(*graphs, names, cache_names)
+    try:
+        with torch.no_grad(), bnb_stand_ins(owned) as bnb_layers:
+            ep = torch.export.export(_CacheInputs(owned, names), (*(step[n] for n in names), *cache),
+                                     dynamic_shapes=(dims,), strict=False)
+    except Exception as e:
+        raise capture_error(model, "torch.export.export of the step graph with a KV cache", e,
+                            "generation supports decoder-only models with a DynamicCache (e.g. Llama, Qwen2)") from e
+    gm, _ = flat_graph_module(ep.module(check_guards=False), names + cache_names, ep.call_spec.out_spec,
+                              type(model).__name__, bnb_layers)
+    _drop_empty_concatenations(gm)
+    mark_non_persistent_buffers(gm, owned)
+    return CacheGraphs(gm, names, cache_names, tuple((t.shape[1], t.shape[3]) for t in cache), cache[0].dtype)
 
 
 def _drop_empty_concatenations(gm: torch.fx.GraphModule) -> None:

@@ -2,10 +2,10 @@
 captured cached graphs.
 
 The model a module was compiled from is captured once more, with its KV cache as graph inputs and outputs
-(``capture_cache.py``): a prefill graph for the prompt and a decode-step graph for new tokens. Each method rewrites
-both like the module's own graph (``road/generation.py``, ``xlora/generation.py``), reading the module's tensors, so
-they follow ``.to()``, ``load_state_dict``, merges and new adapters, and provides a *step* function over them:
-``step(inputs, cache) -> (logits, cache)`` with flat tuples of tensors (``cache`` is ``()`` for the prompt).
+(``capture_cache.py``): one step graph, run on the prompt with an empty past and on each new token. Each method
+rewrites it like the module's own graph (``road/generation.py``, ``xlora/generation.py``), reading the module's
+tensors, so it follows ``.to()``, ``load_state_dict``, merges and new adapters, and provides a *step* function over
+it: ``step(inputs, cache) -> (logits, cache)`` with flat tuples of tensors (``cache`` is ``()`` for the prompt).
 
 ``generate`` runs transformers' ``GenerationMixin.generate`` on ``StepLM``, a thin model whose ``forward`` calls the
 step and keeps the flat cache in a ``DynamicCache`` (two tensors per layer; a method may keep more, e.g. X-LoRA's two
@@ -14,6 +14,10 @@ as on the model — ``num_beams``, sampling, ``repetition_penalty``, ``no_repeat
 ``logits_processor``, ``stopping_criteria``, ``generation_config``, ``streamer``, ``return_dict_in_generate`` — with
 the model's ``generation_config`` as defaults. Arguments the cached graphs cannot serve (``REFUSED``) raise
 ``ValueError`` naming them before any token is produced.
+
+``forward_with_cache`` serves a module's ``forward(..., use_cache=True)`` with the same step: it returns the model's
+output with a ``DynamicCache`` that the next call takes back (``cache=`` / ``past_key_values=``), as does a cache the
+model made itself.
 
 >>> import torch, transformers, fx_adapters as fxa
 >>> cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -37,11 +41,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .capture_cache import CacheGraphs, capture_with_cache, is_causal_lm
+from .capture import CaptureError
+from .capture_cache import CacheGraphs, cache_argument, capture_with_cache, is_causal_lm
 from .graph_module import outside_inference_mode, owned_copy, read_from
+from .signature import bind_call
 
-__all__ = ["REFUSED", "GenerationSource", "Step", "StepLM", "attach", "base_step", "batch_size", "generate",
-           "graph_step", "module_types", "source_of"]
+__all__ = ["REFUSED", "GenerationSource", "Step", "StepLM", "attach", "base_step", "batch_size", "cache_tensors",
+           "cached_call_arguments", "forward_with_cache", "generate", "graph_step", "module_types", "past_or_empty",
+           "source_of", "store_cache"]
 
 
 Step = Callable[[tuple, tuple], tuple[torch.Tensor, tuple]]  # (model inputs, cache or ()) -> (logits, new cache)
@@ -49,14 +56,15 @@ Step = Callable[[tuple, tuple], tuple[torch.Tensor, tuple]]  # (model inputs, ca
 
 class GenerationSource:
     """What generation keeps of the model a module was compiled from: a structural copy (its parameters share the
-    model's storage; later changes to the model's modules do not reach it), the graphs captured from it, and the
-    latest graphs rewritten for the module. ``problem`` says why there is no model. Deep copies share the model;
+    model's storage; later changes to the model's modules do not reach it), the step graph captured from it, and the
+    latest graphs each method rewrote from it for the module (by name: built on first use, rebuilt when the key
+    changes). ``problem`` says why there is no model. Deep copies share the model;
     pickles drop it (transformers models may hold unpicklable hooks)."""
 
     def __init__(self, model: nn.Module | None, problem: str | None = None):
         self.model, self.problem = model, problem
         self.captured: CacheGraphs | None = None
-        self.built: tuple = (None, None)  # (key, (prefill, decode))
+        self.built: dict[str, tuple] = {}  # name -> (key, what build returned)
 
     def __reduce__(self):
         return GenerationSource, (None, f"it was unpickled, which drops the model it was compiled from; {_ATTACH}")
@@ -67,13 +75,16 @@ class GenerationSource:
         return new
 
     @outside_inference_mode
-    def graphs(self, key, build: Callable[[GenerationSource], tuple]
-               ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    def graphs(self, name: str, key, build: Callable[[GenerationSource], object]):
+        """What ``build(self)`` returns (graphs rewritten from ``self.captured``), cached under ``name`` while ``key``
+        holds; the step graph is captured on first use."""
         if self.captured is None:
             self.captured = capture_with_cache(self.model)
-        if self.built[0] != key:
-            self.built = (key, build(self))
-        return self.built[1]
+        built_key, built = self.built.get(name, (None, None))
+        if built is None or built_key != key:
+            built = build(self)
+            self.built[name] = (key, built)
+        return built
 
 
 _ATTACH = "call fx_adapters.graph.generation.attach(module, model) with that model"
@@ -103,14 +114,19 @@ def module_types(model: nn.Module) -> dict[str, type]:
 
 def base_step(module: nn.Module, source: GenerationSource) -> Step:
     """Steps of the model alone, reading ``module``'s tensors."""
-    prefill, decode = source.graphs("base", lambda s: (read_from(s.captured.prefill, module.graph_module),
-                                                       read_from(s.captured.decode, module.graph_module)))
-    return graph_step(prefill, decode, ())
+    graph = source.graphs("base", None, lambda s: read_from(s.captured.step, module.graph_module))
+    return graph_step(graph, source.captured, ())
 
 
-def graph_step(prefill: torch.fx.GraphModule, decode: torch.fx.GraphModule, extra: tuple) -> Step:
+def past_or_empty(cache: tuple, captured: CacheGraphs, inputs: tuple, caches: int = 1) -> tuple:
+    """``cache``, or for a prompt (``()``) ``caches`` empty caches of the batch of ``inputs``."""
+    return cache or captured.empty_cache(inputs[0].shape[0], inputs[0].device) * caches
+
+
+def graph_step(graph: torch.fx.GraphModule, captured: CacheGraphs, extra: tuple) -> Step:
+    """The step of a graph with ``captured``'s inputs and outputs, then ``extra`` inputs."""
     def step(inputs: tuple, cache: tuple) -> tuple[torch.Tensor, tuple]:
-        logits, *cache = (decode if cache else prefill)(*inputs, *cache, *extra)
+        logits, *cache = graph(*inputs, *past_or_empty(cache, captured, inputs), *extra)
         return logits, tuple(cache)
     return step
 
@@ -162,8 +178,6 @@ class StepLM(nn.Module):
         pass
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, **_):
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         past = 0 if cache is None else cache.get_seq_length()
@@ -173,15 +187,30 @@ class StepLM(nn.Module):
             position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
             position_ids = position_ids[:, -input_ids.shape[1]:]
         given = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        flat = () if past == 0 else tuple(t for layer in cache.layers for t in (layer.keys, layer.values))
-        logits, flat = self.step(tuple(given[n] for n in self.input_names), flat)
-        cache = DynamicCache() if cache is None else cache
-        if past == 0:
-            cache.layers[:] = [DynamicLayer() for _ in range(len(flat) // 2)]
-        for layer, keys, values in zip(cache.layers, flat[::2], flat[1::2]):
-            layer.keys, layer.values, layer.is_initialized = keys, values, True
-            layer.device, layer.dtype = keys.device, keys.dtype
-        return CausalLMOutputWithPast(logits=logits, cache=cache)
+        logits, flat = self.step(tuple(given[n] for n in self.input_names), cache_tensors(cache))
+        return CausalLMOutputWithPast(logits=logits, cache=store_cache(flat, cache))
+
+
+def cache_tensors(cache) -> tuple[torch.Tensor, ...]:
+    """The keys and values of a ``DynamicCache`` (or None), flat: ``()`` when it holds no positions."""
+    if cache is None or cache.get_seq_length() == 0:
+        return ()
+    return tuple(t for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def store_cache(flat: tuple, cache=None):
+    """``cache`` (a ``DynamicCache``, or a new one when None) holding the flat keys and values two tensors per layer
+    (rebound, not copied)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache() if cache is None else cache
+    if cache.get_seq_length() == 0:  # the layers generate's empty cache starts with may be of other kinds
+        cache.layers[:] = [DynamicLayer() for _ in range(len(flat) // 2)]
+    for layer, keys, values in zip(cache.layers, flat[::2], flat[1::2]):
+        layer.keys, layer.values, layer.is_initialized = keys, values, True
+        layer.device, layer.dtype = keys.device, keys.dtype
+    return cache
 
 
 def _generate_class() -> type:
@@ -220,3 +249,73 @@ def batch_size(args: tuple, kwargs: dict) -> int:
         raise ValueError(f"generate: input_ids must be a (batch, sequence) tensor of token ids, got "
                          f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
     return input_ids.shape[0]
+
+
+# -------------------------------------------------------------------------------------------------- forward(use_cache)
+
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+"""The names of a model's KV-cache argument (``cache`` from transformers 5.24, ``past_key_values`` before)."""
+SERVED = {"input_ids", "attention_mask", "position_ids", "use_cache", "return_dict", *CACHE_ARGUMENTS}
+"""What ``forward_with_cache`` takes; anything else given with ``use_cache=True`` raises ``CaptureError``."""
+
+
+def cached_call_arguments(source: GenerationSource, args: tuple, kwargs: dict) -> tuple[dict, dict]:
+    """A ``use_cache=True`` call bound to the model's ``forward``: (tensors, other arguments) by name, the cache under
+    the model's name for it (``past_key_values``, which transformers 5.24 still takes, becomes ``cache``)."""
+    name = cache_argument(source.model)
+    other = next(n for n in CACHE_ARGUMENTS if n != name)
+    if other in kwargs and name not in kwargs:
+        kwargs = {**{k: v for k, v in kwargs.items() if k != other}, name: kwargs[other]}
+    return bind_call(source.model, args, kwargs)
+
+
+def forward_with_cache(step: Step, source: GenerationSource, values: dict, flags: dict, training: bool):
+    """A module's ``forward(**values, **flags)`` with ``use_cache=True``, over ``step``: the model's output type with
+    the logits and a ``DynamicCache`` (the one given, extended in place, as the model does). ``values`` are the call's
+    tensors, ``flags`` its other arguments, by name. Raises ``CaptureError`` naming an argument it cannot serve."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    past = _check_cached_call(source, values, flags, training)
+    ids = values["input_ids"]
+    known = past.get_seq_length() if past is not None else 0
+    mask = values.get("attention_mask")
+    mask = ids.new_ones(ids.shape[0], known + ids.shape[1]) if mask is None else mask
+    positions = values.get("position_ids")
+    if positions is None:
+        if not bool(mask.all()):
+            raise CaptureError("forward with use_cache=True and a padded attention_mask needs position_ids: models "
+                               "count positions differently around padding; pass position_ids (e.g. "
+                               "attention_mask.cumsum(-1) - 1 for the new tokens, as generate does)")
+        positions = torch.arange(known, known + ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+    given = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    logits, flat = step(tuple(given[n] for n in source.captured.input_names), cache_tensors(past))
+    output = CausalLMOutputWithPast(logits=logits, cache=store_cache(flat, past))
+    return output if flags.get("return_dict", True) else output.to_tuple()
+
+
+def _check_cached_call(source: GenerationSource, values: dict, flags: dict, training: bool):
+    """The cache given to a ``use_cache=True`` call (or None), after checking that the step graph can serve it."""
+    from transformers.cache_utils import DynamicLayer
+
+    where = f"{type(source.model).__name__} forward with use_cache=True"
+    other = [n for n in (*values, *flags) if n not in SERVED]
+    if other:
+        raise CaptureError(f"{where} cannot take {other[0]!r}: the cached step graph takes input_ids, "
+                           "attention_mask, position_ids and a cache only; call without use_cache=True to use it")
+    if training:
+        raise CaptureError(f"{where} runs in eval mode only (the cached step graph is captured in eval mode); call "
+                           "eval() first, or leave use_cache out in training")
+    if "input_ids" not in values:
+        raise CaptureError(f"{where} needs input_ids (the cached step graph takes token ids)")
+    name = next((n for n in CACHE_ARGUMENTS if flags.get(n) is not None), None)
+    past = flags.get(name) if name else None
+    layers = getattr(past, "layers", None)
+    if past is not None and (layers is None or any(type(layer) is not DynamicLayer for layer in layers)):
+        kinds = sorted({type(layer).__name__ for layer in layers or ()}) or [type(past).__name__]
+        raise CaptureError(f"{where}: {name}= holds {', '.join(kinds)}; the cached step graph takes a DynamicCache "
+                           "of full-attention layers (DynamicLayer), such as a previous call's output cache")
+    expected = len(source.captured.cache_names) // 2
+    if cache_tensors(past) and len(layers) != expected:
+        raise CaptureError(f"{where}: {name}= has {len(layers)} layers, the model {expected}; pass a cache this model "
+                           "made (or None to start one)")
+    return past

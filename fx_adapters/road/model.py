@@ -36,7 +36,7 @@ from .captures import road_rewrite
 from .config import BASE, RoadConfig
 from .draw import draw_adapted
 from .fold import Fold
-from .generation import generate_road
+from .generation import forward_road_with_cache, generate_road
 from .merge import MergeState, folded_adapters, saved_copies
 from .pipeline import adapter_tensors, add_parameters, apply_road, drop_adapter, layer_folds, set_trainable
 from .rewrite import OrderRoadRotations, rotation_orders
@@ -211,6 +211,8 @@ class AdaptedModule(CompileMixin, nn.Module):
 
     @shared
     def forward(self, *args, adapter_names: Sequence[str] | None = None, adapter_name: str | None = None, **kwargs):
+        if kwargs.get("use_cache"):  # the cached step graph of generate
+            return forward_road_with_cache(self, args, kwargs, adapter_names, adapter_name)
         signature, values = self.captures.signature(self, args, kwargs)
         batch = next((v.shape[0] for v in values.values() if torch.is_tensor(v)), None)
         index = self.road_input(adapter_names, batch, adapter_name)
@@ -218,10 +220,7 @@ class AdaptedModule(CompileMixin, nn.Module):
             signature, values, *road_rewrite(self.graph_module), self.graph_module)
         return self.captures.call(signature, graph, values, extra=(index,))
 
-    @shared
-    def generate(self, *args, adapter_names: Sequence[str] | None = None, adapter_name: str | None = None, **kwargs):
-        """transformers' ``generate`` with a KV cache (``adapter_names`` / ``adapter_name`` as in ``forward``)."""
-        return generate_road(self, *args, adapter_names=adapter_names, adapter_name=adapter_name, **kwargs)
+    generate = shared(generate_road)  # transformers' generate with a KV cache (road/generation.py)
 
     draw = draw_adapted  # am.draw(path, layer=None): the layer before and after the rewrite (road/draw.py)
 

@@ -1,7 +1,7 @@
-"""X-LoRA's cached graphs for ``XLoraModule.generate``: the prefill and decode graphs of the model, rewritten by
+"""X-LoRA's cached graphs for ``XLoraModule.generate``: the model's step graph (``graph.capture_cache``), rewritten by
 ``passes.xlora_passes`` with a KV cache for each pass (``ScalingPassCache``), so every step runs the scaling pass,
-the classifier and the real pass on the new token only, where PEFT re-runs both passes on the whole sequence.
-``xlora_step`` is the step transformers' ``generate`` runs through ``graph.generation``.
+the classifier and the real pass on the new tokens only (the prompt: on an empty past), where PEFT re-runs both passes
+on the whole sequence. ``xlora_step`` is the step transformers' ``generate`` runs through ``graph.generation``.
 
 ``decode_scalings`` chooses the scalings of the decode steps:
 
@@ -9,7 +9,8 @@ the classifier and the real pass on the new token only, where PEFT re-runs both 
   each step runs both passes.
 - ``"prompt"``: the prefill runs both passes exactly; from then on each sequence reuses the scalings of its last
   prompt token (the last position: left padding keeps it a real token), so each decode step runs the real pass
-  only, on a third graph (``passes.FixedScalingsGraph``) that reads those scalings as an input. mistral.rs calls
+  only, on a second graph (``passes.FixedScalingsGraph``, built at the first such call) that reads those scalings
+  as an input. mistral.rs calls
   this "non-granular scalings". The first new token is the exact mode's; the later ones are the exact mode's only
   where the classifier's scalings do not depend on the token.
 
@@ -25,6 +26,7 @@ from collections.abc import Callable
 import torch
 
 from ..graph import generation
+from ..graph.capture import CaptureError
 from ..graph.graph_module import copy_graph_module, read_from
 from .passes import EXPERTS_ATTR
 from .pipeline import apply_xlora
@@ -44,18 +46,24 @@ def check_decode_scalings(value, where: str, generating: bool = True) -> None:
                          "Call generate(..., decode_scalings='prompt') or drop the argument")
 
 
-def _xlora_graphs(xm) -> Callable[[generation.GenerationSource], tuple]:
-    def build(source: generation.GenerationSource) -> tuple:
-        captured, experts = source.captured, getattr(xm.graph_module, EXPERTS_ATTR)
-        built = []
-        for graph_module, cache_names, fixed in ((captured.prefill, (), False),
-                                                 (captured.decode, captured.cache_names, False),
-                                                 (captured.decode, captured.cache_names, True)):
-            gm = apply_xlora(copy_graph_module(graph_module), source.model, xm.classifier, experts,
-                             [t.name for t in xm.targets], cache=(cache_names, len(captured.cache_names)),
-                             fixed_scalings=fixed)
-            built.append(read_from(gm, xm.graph_module))
-        return tuple(built)
+def check_forward_arguments(decode_scalings, kwargs: dict, where: str) -> None:
+    """A forward call takes no ``decode_scalings="prompt"`` and no ``use_cache=True`` (the scaling pass needs a cache of
+    its own, which a cache fed back as the model's cannot hold: ``generate`` keeps both)."""
+    check_decode_scalings(decode_scalings, where, generating=False)
+    if kwargs.get("use_cache"):
+        raise CaptureError(f"{where}: use_cache=True is not served by X-LoRA modules: the scaling pass needs a KV "
+                           "cache of its own, which the model's cache cannot carry; call generate() for cached "
+                           "decoding (it keeps both passes' caches), or leave use_cache out")
+
+
+def _xlora_graph(xm, fixed_scalings: bool) -> Callable[[generation.GenerationSource], torch.fx.GraphModule]:
+    """Builds the step graph with both passes (or, ``fixed_scalings``, the real pass reading given scalings)."""
+    def build(source: generation.GenerationSource) -> torch.fx.GraphModule:
+        captured = source.captured
+        gm = apply_xlora(copy_graph_module(captured.step), source.model, xm.classifier,
+                         getattr(xm.graph_module, EXPERTS_ATTR), [t.name for t in xm.targets],
+                         cache=(captured.cache_names, len(captured.cache_names)), fixed_scalings=fixed_scalings)
+        return read_from(gm, xm.graph_module)
     return build
 
 
@@ -63,28 +71,31 @@ def xlora_step(xm, source: generation.GenerationSource, decode_scalings: str = "
     """The step ``generate`` runs for ``decode_scalings`` (module docstring). Its flat cache holds pairs of tensors
     (each a ``DynamicCache`` layer, so beam search reorders all of them): the caches, then the scalings every position
     so far was computed with, which each step records as the latest scalings."""
-    prefill, decode, one_pass = source.graphs("xlora", _xlora_graphs(xm))
-    n, extra = len(source.captured.cache_names), xm.graph_inputs()
+    both = source.graphs("xlora", None, _xlora_graph(xm, fixed_scalings=False))
+    extra = xm.graph_inputs()
     if decode_scalings == "prompt":
-        return _prompt_step(xm, prefill, one_pass, n, extra)
-    return _token_step(xm, prefill, decode, n, extra)
+        one_pass = source.graphs("xlora-fixed-scalings", None, _xlora_graph(xm, fixed_scalings=True))
+        return _prompt_step(xm, both, one_pass, source.captured, extra)
+    return _token_step(xm, both, source.captured, extra)
 
 
-def _token_step(xm, prefill, decode, n: int, extra: tuple) -> generation.Step:
+def _token_step(xm, both, captured, extra: tuple) -> generation.Step:
     """Both passes every step. Cache: the real pass's, the scaling pass's, the scalings so far (twice)."""
+    n = len(captured.cache_names)
 
     def step(inputs: tuple, cache: tuple) -> tuple[torch.Tensor, tuple]:
-        logits, *out = (decode if cache else prefill)(*inputs, *cache[:2 * n], *extra)
+        logits, *out = both(*inputs, *generation.past_or_empty(cache[:2 * n], captured, inputs, caches=2), *extra)
         scalings = torch.cat([cache[2 * n], out[n]], dim=1) if cache else out[n]
         xm.record_scalings(scalings)
         return logits, (*out[:n], *out[n + 1:], scalings, scalings)
     return step
 
 
-def _prompt_step(xm, prefill, one_pass, n: int, extra: tuple) -> generation.Step:
+def _prompt_step(xm, both, one_pass, captured, extra: tuple) -> generation.Step:
     """Both passes on the prompt, then the real pass alone with each sequence's last prompt-token scalings. Cache:
     the real pass's (the scaling pass's is never read again), those fixed scalings (twice), the scalings so far
     (twice)."""
+    n = len(captured.cache_names)
 
     def step(inputs: tuple, cache: tuple) -> tuple[torch.Tensor, tuple]:
         if cache:
@@ -92,7 +103,7 @@ def _prompt_step(xm, prefill, one_pass, n: int, extra: tuple) -> generation.Step
             logits, *real = one_pass(*inputs, *cache[:n], fixed, *extra)
             scalings = torch.cat([cache[n + 2], fixed], dim=1)
         else:
-            logits, *out = prefill(*inputs, *extra)
+            logits, *out = both(*inputs, *generation.past_or_empty((), captured, inputs, caches=2), *extra)
             real, fixed, scalings = out[:n], out[n][:, -1:], out[n]
         xm.record_scalings(scalings)
         return logits, (*real, fixed, fixed, scalings, scalings)

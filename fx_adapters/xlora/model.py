@@ -41,7 +41,7 @@ from ..graph.torch_compile import CompileMixin
 from . import checkpoint
 from .config import XLoraConfig, check_number, check_top_k
 from .experts import LoraExpert, check_experts, read_lora_expert, stack_experts
-from .generation import check_decode_scalings, generate_xlora
+from .generation import check_forward_arguments, generate_xlora
 from .modules import XLoraClassifier, route_scalings
 from .passes import CLASSIFIER_ATTR, two_pass_spec
 from .pipeline import adaptable_layers, apply_xlora, base_rewrite, classifier_head, xlora_rewrite
@@ -89,7 +89,7 @@ class XLoraModule(CompileMixin, nn.Module):
         return self._disabled
 
     def forward(self, *args, decode_scalings: str = "token", **kwargs):
-        check_decode_scalings(decode_scalings, f"{type(self).__name__}.forward", generating=False)
+        check_forward_arguments(decode_scalings, kwargs, f"{type(self).__name__}.forward")
         signature, values = self.captures.signature(self, args, kwargs)
         if self._disabled:
             return self.captures.call(signature, self._graph_of(signature, values, base=True), values)
