@@ -160,15 +160,28 @@ def test_two_adapters_merge_in_order_as_peft(adapted):
         am.delete_adapter("second")
 
 
+@pytest.mark.parametrize("exact", [True, False])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_unmerge_restores_the_weights_of_every_architecture(adapted, arch):
+def test_unmerge_restores_the_weights_of_every_architecture(adapted, arch, exact):
+    """Exact: the tensors from before the merge, bit for bit; else R⁻¹·(R·W), as PEFT, within rounding."""
     _, am = adapted(arch)
     before = {n: p.detach().clone() for n, p in weights(am).items()}
     with adapter(am, "road_1", 2, "all-linear" if family(arch) == "mlp" else ["c_attn", "c_fc", "q_proj", "o_proj"]):
         am.merge()
-        am.unmerge()
+        am.unmerge(exact=exact)
         for name, value in weights(am).items():
-            torch.testing.assert_close(value, before[name], atol=1e-6, rtol=0)
+            torch.testing.assert_close(value, before[name], **(dict(atol=0, rtol=0) if exact else dict(atol=1e-6,
+                                                                                                       rtol=0)))
+
+
+def test_an_exact_unmerge_of_two_merges_gives_the_models_own_outputs_bit_for_bit(adapted):
+    model, am = adapted("llama")
+    with adapter(am, "road_2", 16, "all-linear"), adapter(am, "road_1", 8, ["q_proj", "v_proj"], name="y", seed=1):
+        am.merge(["x"])
+        am.merge(["y"])
+        am.unmerge()
+        with am.disable_adapters():
+            assert torch.equal(run("llama", am), run("llama", model))
 
 
 def condition_numbers(cols: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -201,7 +214,7 @@ def test_merge_then_unmerge_restores_weights(small, variant, group_size, data):
                     param.copy_(value)
         small.merge()
         assert not torch.equal(small.graph_module.get_parameter("2.weight"), before["2.weight"])
-        small.unmerge()
+        small.unmerge(exact=False)  # R⁻¹ (exact=True puts the old tensors back)
         for name, value in weights(small).items():
             torch.testing.assert_close(value, before[name], atol=1e-6, rtol=0)
 
@@ -254,16 +267,19 @@ def test_safe_merge_with_a_nan_adapter_raises_and_leaves_every_weight_bit_identi
         assert all(after[n] is p and torch.equal(p, value) for n, (p, value) in before.items())
 
 
-def test_unmerge_of_a_non_invertible_rotation_raises_and_keeps_the_merged_weights():
+def test_an_inverse_unmerge_of_a_non_invertible_rotation_raises_and_keeps_the_merged_weights():
     torch.manual_seed(0)
     am = fxa.compile_with_road(MLP(), fxa.RoadConfig(group_size=4, target_modules=["lin0"], init_weights=False))
     with torch.no_grad():
         params_of(am, "default", "lin0")[1][5] = 0.0
+    before = {n: p.detach().clone() for n, p in weights(am).items()}
     am.merge()
     merged = weights(am)
     with pytest.raises(fxa.NotInvertibleError, match="'lin0'.*1 of 10 2×2 blocks are singular"):
-        am.unmerge()
+        am.unmerge(exact=False)
     assert all(weights(am)[n] is p for n, p in merged.items()) and am.merged_adapters == ["default"]
+    am.unmerge()  # exact: needs no inverse
+    assert not am.merged and all(torch.equal(p, before[n]) for n, p in weights(am).items())
 
 
 def test_a_quantized_target_that_is_not_a_quantized_layer_is_refused_naming_the_layer(adapted):

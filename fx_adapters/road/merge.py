@@ -29,9 +29,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from ..graph.graph_module import assign_tensor, copy_graph_module, outside_inference_mode
+from ..graph.graph_module import assign_tensor, copy_graph_module, outside_inference_mode, tensor_at
 from ..graph.passes import DefaultAttentionMask, RebuildOutput, run_passes
-from .fold import Fold, RotateWeights, StripRoad, requantization_warning
+from .fold import WEIGHT_KINDS, Fold, RotateWeights, StripRoad, requantization_warning
 
 FOLDED_ADAPTER = "folded_adapter"  # key of ``GraphModule.meta`` recording which adapter ``fold`` folded
 
@@ -39,8 +39,9 @@ Merge = tuple[str, tuple[Fold, ...]]  # an adapter and its rotations, one per la
 
 
 class MergeState:
-    """The adapters merged into a graph module's weights, in merge order, and the layer tensors their
-    ``modules_to_save`` copies replaced.
+    """The adapters merged into a graph module's weights, in merge order, the dense weights and biases from before
+    the first merge (what an exact ``unmerge`` puts back; they are the captured tensors, which the model the module
+    was compiled from holds anyway), and the layer tensors their ``modules_to_save`` copies replaced.
 
     Merging, folding or inverse-based undoing into bitsandbytes layers requantizes them, which rounds: a
     ``UserWarning`` says so the first time (``merge``, ``unmerge``, ``fold`` or ``unfold``), not again (exact undos
@@ -50,6 +51,7 @@ class MergeState:
     def __init__(self):
         self.merges: tuple[Merge, ...] = ()
         self.unsaved: tuple[dict[str, torch.Tensor], ...] = ()  # per merge: the tensors the copies replaced
+        self.unrotated: dict[str, torch.Tensor] = {}  # dense weight / bias name -> the tensor before the first merge
         self.warned_requantization = False
 
     @property
@@ -89,20 +91,28 @@ class MergeState:
                           + (f"Now additionally merging {todo}." if todo else "Nothing to do."), stacklevel=3)
         merges = [(name, folds(name)) for name in todo]
         copies = copies_of(todo)
+        unrotated = {fqn: tensor_at(gm, fqn, f.target.name) for _, folds in merges for f in folds
+                     if f.target.kind in WEIGHT_KINDS for fqn in _weight_names(f) if fqn not in self.unrotated}
         self.rotate(gm, [f for _, folds in merges for f in folds], safe)
         originals = {fqn: gm.get_parameter(fqn) for fqn in copies}
         assign_all(gm, copies)
         self.merges += tuple(merges)
         self.unsaved += (originals,)
+        self.unrotated.update(unrotated)
 
     @outside_inference_mode
     def unmerge(self, gm: torch.fx.GraphModule, exact: bool) -> None:
-        """Undo every merge, last first, by the inverse of the rotations merged (kept from merge time)."""
-        inverse = [fold.inverse(exact) for _, folds in reversed(self.merges) for fold in reversed(folds)]
+        """Undo every merge: ``exact``, put back the dense tensors from before the first merge (and undo
+        bitsandbytes folds by ``Fold.inverse(exact=True)``); else, as PEFT, apply the inverse of the rotations
+        merged (kept from merge time), last first."""
+        inverse = [fold.inverse(exact) for _, folds in reversed(self.merges) for fold in reversed(folds)
+                   if not (exact and fold.target.kind in WEIGHT_KINDS)]
         self.rotate(gm, inverse)
+        if exact:
+            assign_all(gm, self.unrotated)
         for originals in reversed(self.unsaved):
             assign_all(gm, originals)
-        self.merges, self.unsaved = (), ()
+        self.merges, self.unsaved, self.unrotated = (), (), {}
 
     def fold(self, gm: torch.fx.GraphModule, names: Sequence[str], folds: Sequence[Fold],
              copies: Mapping[str, torch.Tensor], out_spec) -> torch.fx.GraphModule:
@@ -128,6 +138,11 @@ class MergeState:
         base = copy_graph_module(folded)
         self.rotate(base, inverse)
         return base
+
+
+def _weight_names(fold: Fold) -> tuple[str, ...]:
+    name = fold.target.name
+    return (f"{name}.weight", f"{name}.bias") if fold.target.has_bias else (f"{name}.weight",)
 
 
 def folded_adapters(folded: torch.fx.GraphModule) -> list[str] | None:

@@ -257,12 +257,10 @@ class AdaptedModule(CompileMixin, nn.Module):
 
     @switch
     def unmerge(self, exact: bool = True) -> None:
-        """Undo every merge, last first, by the inverse of the rotations merged (their ``(2, out)`` columns are
-        kept from merge time: later changes to the adapter parameters do not matter).
-
-        bitsandbytes layers: ``exact=True`` puts back the quantized layers from before the merge, bit for bit;
-        ``exact=False`` requantizes ``R⁻¹`` times their dequantized merged weights, as PEFT (rounds again).
-        Raises ``NotInvertibleError`` naming the layer (weights unchanged) when a merged rotation is singular.
+        """Undo every merge. ``exact=True`` puts back the weights from before the first merge, bit for bit (the
+        quantized layers themselves for bitsandbytes); ``exact=False`` applies the inverse of the rotations merged,
+        last first (their ``(2, out)`` columns kept from merge time), as PEFT: it rounds (requantizes bitsandbytes
+        layers), and raises ``NotInvertibleError`` naming the layer (weights unchanged) for a singular rotation.
         """
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
