@@ -26,15 +26,15 @@ from pathlib import Path
 
 import torch
 
-from . import serving
+from . import coldstart, serving
 from .rows import DEFAULT_ROWS, ROWS, Row, Settings
 
-ROWS = {**ROWS, **serving.ROWS}
+ROWS = {**ROWS, **serving.ROWS, **coldstart.ROWS}  # coldstart is opt-in (--only coldstart)
 DEFAULT_ROWS = [*DEFAULT_ROWS, *serving.DEFAULT_ROWS]
 
 THREADS = 2
-FULL = Settings(repeats=25, warmup=2, fold_repeats=10, generate_repeats=5, new_tokens=64, patience=3)
-QUICK = Settings(repeats=4, warmup=1, fold_repeats=1, generate_repeats=1, new_tokens=16, patience=1)
+FULL = Settings(repeats=25, warmup=2, fold_repeats=10, generate_repeats=5, new_tokens=128, patience=3)
+QUICK = Settings(repeats=4, warmup=1, fold_repeats=1, generate_repeats=1, new_tokens=32, patience=1)
 
 
 def machine() -> dict:
