@@ -6,6 +6,9 @@ RoAd group_size 64, batch 16 × seq 64, 2 threads), timed interleaved in one pro
 median ÷ the base model's median from the same run, over the repetitions during which the machine was
 quiet (see ``benchmarks/timing.py``); the lines under the table say how many that was.
 
+``--only coldstart`` (opt-in, not in the default run) times issue 15's cold start instead, each contender in a fresh
+process on a realistic-size bf16 Llama (``benchmarks/coldstart.py``; with ``--quick``, on the benchmark model).
+
 ``--plot DIR`` measures the curves instead (``benchmarks/curves.py``; with ``--only``, after those rows) and draws
 them into DIR (``benchmarks/plot.py``; needs matplotlib: pip install "fx-adapters[plot]").
 """
