@@ -6,6 +6,9 @@ RoAd group_size 64, batch 16 × seq 64, 2 threads), timed interleaved in one pro
 median ÷ the base model's median from the same run, over the repetitions during which the machine was
 quiet (see ``benchmarks/timing.py``); the lines under the table say how many that was.
 
+``--only coldstart`` (opt-in, not in the default run) times issue 15's cold start instead, each contender in a fresh
+process on a realistic-size bf16 Llama (``benchmarks/coldstart.py``; with ``--quick``, on the benchmark model).
+
 ``--plot DIR`` measures the curves instead (``benchmarks/curves.py``; with ``--only``, after those rows) and draws
 them into DIR (``benchmarks/plot.py``; needs matplotlib: pip install "fx-adapters[plot]").
 """
@@ -26,15 +29,15 @@ from pathlib import Path
 
 import torch
 
-from . import serving
+from . import coldstart, serving
 from .rows import DEFAULT_ROWS, ROWS, Row, Settings
 
-ROWS = {**ROWS, **serving.ROWS}
+ROWS = {**ROWS, **serving.ROWS, **coldstart.ROWS}  # coldstart is opt-in (--only coldstart)
 DEFAULT_ROWS = [*DEFAULT_ROWS, *serving.DEFAULT_ROWS]
 
 THREADS = 2
-FULL = Settings(repeats=25, warmup=2, fold_repeats=10, generate_repeats=5, new_tokens=64, patience=3)
-QUICK = Settings(repeats=4, warmup=1, fold_repeats=1, generate_repeats=1, new_tokens=16, patience=1)
+FULL = Settings(repeats=25, warmup=2, fold_repeats=10, generate_repeats=5, new_tokens=128, patience=3)
+QUICK = Settings(repeats=4, warmup=1, fold_repeats=1, generate_repeats=1, new_tokens=32, patience=1)
 
 
 def machine() -> dict:

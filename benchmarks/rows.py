@@ -21,8 +21,8 @@ class Settings:
     repeats: int  # timed forward calls per contender
     warmup: int
     fold_repeats: int  # PEFT's merge + unmerge takes seconds: fewer repeats for row 4
-    generate_repeats: int  # PEFT's X-LoRA generate takes seconds: fewer repeats for row 6
-    new_tokens: int  # tokens generated per row in row 6 (issue 6: 64)
+    generate_repeats: int  # a generate call takes seconds: fewer repeats for the generate rows
+    new_tokens: int  # new tokens per prompt in the generate rows (issue 15: 128)
     patience: float  # up to patience × repeats repetitions to collect the quiet ones (see timing.py)
 
     def time(self, contenders, repeats: int | None = None, warmup: int | None = None, **kwargs) -> Timings:
@@ -78,13 +78,14 @@ class Row:
     lines: list[Line]
     timings: Timings | None = None
     notes: list[str] = field(default_factory=list)
+    raw: dict = field(default_factory=dict)  # measurements that are not Timings (e.g. the cold start's), for the JSON
 
     def as_json(self) -> dict:
         ratios = {}
         if self.timings and "base" in self.timings.samples:
             ratios = {n: self.timings.ratio(n) for n in self.timings.samples if n != "base"}
         return {"lines": [vars(line) for line in self.lines], "ratios_to_base": ratios, "notes": self.notes,
-                "timings": self.timings.as_json() if self.timings else None}
+                "timings": self.timings.as_json() if self.timings else None, **({"raw": self.raw} if self.raw else {})}
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -220,39 +221,82 @@ def xlora(s: Settings) -> Row:
                             at_most(2.10))], t)
 
 
-def generate(s: Settings) -> Row:
-    """Row 6: greedy X-LoRA generation, batch 8 × prompt 64, ``new_tokens`` new tokens: PEFT's ``generate`` (its X-LoRA
-    forces ``use_cache=False``, so each token re-runs both passes on the whole sequence) vs ours (both passes cached),
-    in new tokens per second; the base model's own cached ``generate`` as a reference in the notes."""
-    peft, ours = m.xlora_contenders()
-    batch = m.xlora_inputs()
-    options = dict(max_new_tokens=s.new_tokens, do_sample=False)
-    calls = {"base": lambda: m.base_model().generate(**batch, **options),
-             "peft": lambda: peft.generate(**batch, **options),
-             "ours": lambda: ours.generate(batch["input_ids"], attention_mask=batch["attention_mask"], **options)}
+GENERATE_BATCH = 4  # issue 15's generate bars (and issue 17's): batch 4 × 128 new tokens
+PEFT_XLORA_REPEATS = 1  # PEFT's X-LoRA generate at 128 new tokens takes tens of seconds a call
+
+
+def generate_batch() -> dict[str, torch.Tensor]:
+    return {k: v[:GENERATE_BATCH] for k, v in m.inputs().items()}
+
+
+def greedy(model, new: int) -> Callable[[], torch.Tensor]:
+    """A greedy ``generate`` call of ``model`` (transformers', PEFT's or ours) on ``generate_batch()``."""
+    batch = generate_batch()
+    return lambda: model.generate(**batch, max_new_tokens=new, do_sample=False)
+
+
+def checked_tokens(calls: dict[str, Callable[[], torch.Tensor]], new: int, what: str) -> dict[str, torch.Tensor]:
+    """Each call's new tokens, from one call each (also the warm-up: our first call captures); raises when a call
+    stopped before ``new`` tokens (every row met EOS), as its time would not compare."""
+    prompt = generate_batch()["input_ids"].shape[1]
     with torch.inference_mode():
-        tokens = {name: call() for name, call in calls.items()}  # also the warm-up (our first call captures)
+        tokens = {name: call()[:, prompt:] for name, call in calls.items()}
+    short = [name for name, t in tokens.items() if t.shape[1] != new]
+    if short:
+        raise AssertionError(f"{what}: {', '.join(short)} stopped before {new} new tokens; not timing it")
     if not torch.equal(tokens["ours"], tokens["peft"]):
-        raise AssertionError("X-LoRA generate: fx_adapters and PEFT chose different tokens; not timing it")
+        raise AssertionError(f"{what}: fx_adapters and PEFT chose different tokens; not timing it")
+    return tokens
+
+
+def generate(s: Settings) -> Row:
+    """Issue 15's X-LoRA bars: greedy ``generate``, batch 4 × prompt 64 × ``new_tokens`` new tokens (128 in a full
+    run), warm: ours (both passes cached) ÷ the base model's own cached ``generate`` (≤ 2.3), and ours in new tokens per
+    second ÷ PEFT's (≥ 5; PEFT's X-LoRA forces ``use_cache=False``, so each token re-runs both passes on the whole
+    sequence). PEFT takes tens of seconds a call: it is timed in a run of its own with the base model
+    (``PEFT_XLORA_REPEATS`` repetitions) and compared through the base: ours ÷ PEFT = (ours ÷ base) ÷ (PEFT ÷ base),
+    each ratio from one interleaved run."""
+    peft, ours = m.xlora_contenders()
+    new = s.new_tokens
+    calls = {"base": greedy(m.base_model(), new), "peft": greedy(peft, new), "ours": greedy(ours, new)}
+    checked_tokens(calls, new, "X-LoRA generate")
+    t = s.time({n: calls[n] for n in ("base", "ours")}, s.generate_repeats, warmup=0)
+    t_peft = s.time({n: calls[n] for n in ("base", "peft")}, PEFT_XLORA_REPEATS, warmup=0)
+    ours_to_base, peft_to_base = t.ratio("ours"), t_peft.ratio("peft")
+    speedup = peft_to_base / ours_to_base
+
+    def rate(seconds: float) -> str:
+        return f"{new * GENERATE_BATCH / seconds:.0f}"
+    shape = f"{new} new × batch {GENERATE_BATCH}"
+    return Row([
+        Line(f"X-LoRA generate, {shape} (tokens/s)", rate(t_peft.median("peft")),
+             f"{rate(t.median('ours'))}: {speedup:.1f}× PEFT", "≥ 5× PEFT", speedup >= 5),
+        Line(f"X-LoRA generate ÷ base model's generate, {shape}", f"{peft_to_base:.3f}", f"{ours_to_base:.3f}",
+             at_most(2.3).text, ours_to_base <= 2.3),
+    ], t, [f"the base model's own generate: {rate(t.median('base'))} tokens/s",
+           f"PEFT timed apart with the base model ({rate(t_peft.median('base'))} tokens/s then): {t_peft.summary()}"])
+
+
+def road_generate(s: Settings) -> Row:
+    """Issue 15's RoAd bar: ``am.generate`` ÷ the base model's own ``generate`` (greedy, batch 4 × prompt 64 ×
+    ``new_tokens`` new tokens, warm, both with a KV cache; ≤ 1.10), PEFT's RoAd ``generate`` beside it; our
+    tokens are checked against PEFT's first."""
+    c = m.contenders(1)
+    new = s.new_tokens
+    calls = {"base": greedy(m.base_model(), new), "peft": greedy(c.peft, new), "ours": greedy(c.ours, new)}
+    checked_tokens(calls, new, "RoAd generate")
     t = s.time(calls, s.generate_repeats, warmup=0)
-    rate = {name: (out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0] / t.median(name)
-            for name, out in tokens.items()}  # rows that met EOS early are padded: every step costs the same
-    speedup = rate["ours"] / rate["peft"]
-    line = Line(f"X-LoRA generate, {s.new_tokens} new tokens × batch {m.XLORA_BATCH} (tokens/s)",
-                f"{rate['peft']:.0f}", f"{rate['ours']:.0f}: {speedup:.1f}× PEFT", "≥ 5× PEFT", speedup >= 5)
-    return Row([line], t, [f"the base model's own generate (KV cache, no adapters): {rate['base']:.0f} tokens/s"])
-
-
-PROMPT_BATCH = 4  # issue 17: batch 4 × 128 new tokens
+    return Row([Line.ratios(f"RoAd generate ÷ base model's generate, {new} new × batch {GENERATE_BATCH}", t, "peft",
+                            "ours", at_most(1.10))], t)
 
 
 def prompt_generate(s: Settings) -> Row:
     """X-LoRA ``generate(decode_scalings="prompt")`` (one pass per decode step) vs the exact mode (both passes), greedy,
-    batch 4 × prompt 64, ``2 × new_tokens`` new tokens (128 in a full run), in new tokens per second; the notes say
+    batch 4 × prompt 64, ``new_tokens`` new tokens (128 in a full run), in new tokens per second; the notes say
     how many new tokens agree with the exact mode's (the first must) on this random model and classifier."""
     _, ours = m.xlora_contenders()
-    batch = {k: v[:PROMPT_BATCH] for k, v in m.xlora_inputs().items()}
-    new = 2 * s.new_tokens
+    batch = generate_batch()
+    new = s.new_tokens
     options = dict(attention_mask=batch["attention_mask"], max_new_tokens=new, do_sample=False)
     calls = {"exact": lambda: ours.generate(batch["input_ids"], **options),
              "prompt": lambda: ours.generate(batch["input_ids"], **options, decode_scalings="prompt")}
@@ -261,11 +305,11 @@ def prompt_generate(s: Settings) -> Row:
     if not torch.equal(tokens["prompt"][:, 0], tokens["exact"][:, 0]):
         raise AssertionError("X-LoRA generate: decode_scalings='prompt' changed the first new token; not timing it")
     t = s.time(calls, s.generate_repeats, warmup=0)
-    rate = {name: new * PROMPT_BATCH / t.median(name) for name in calls}
+    rate = {name: new * GENERATE_BATCH / t.median(name) for name in calls}
     ratio = t.median("prompt") / t.median("exact")
     same = (tokens["prompt"] == tokens["exact"]).float().mean(dim=1)
     diverge = [int((~row).int().argmax()) if not row.all() else new for row in tokens["prompt"] == tokens["exact"]]
-    line = Line(f"X-LoRA generate, decode_scalings=\"prompt\" time ÷ exact, {new} new × batch {PROMPT_BATCH}", "n/a",
+    line = Line(f"X-LoRA generate, decode_scalings=\"prompt\" time ÷ exact, {new} new × batch {GENERATE_BATCH}", "n/a",
                 f"{ratio:.3f} ({rate['prompt']:.0f} vs {rate['exact']:.0f} tokens/s)", "≤ 0.60", ratio <= 0.60)
     return Row([line], t, [f"new tokens equal to the exact mode's, per prompt: "
                            f"{', '.join(f'{x:.0%}' for x in same.tolist())}; first difference at new token "
@@ -314,6 +358,7 @@ def compiled(s: Settings) -> Row:
 
 ROWS: dict[str, Callable[[Settings], Row]] = {
     "unmerged": unmerged, "mixed": mixed, "merged": merged, "fold": fold_linear, "xlora": xlora, "generate": generate,
-    "prompt_generate": prompt_generate, "compile": compiled,
+    "road_generate": road_generate, "prompt_generate": prompt_generate, "compile": compiled,
 }
-DEFAULT_ROWS = ["unmerged", "mixed", "merged", "fold", "xlora", "generate", "prompt_generate"]  # "compile" is opt-in
+DEFAULT_ROWS = ["unmerged", "mixed", "merged", "fold", "xlora", "generate", "road_generate",
+                "prompt_generate"]  # "compile" is opt-in

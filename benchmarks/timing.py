@@ -82,7 +82,7 @@ def interleaved(contenders: Mapping[str, Callable[[], object]], repeats: int, wa
                 for fn in contenders.values():
                     fn()
             while len(others) < max(repeats, round(patience * repeats)):
-                load = _OtherLoad()
+                load = OtherLoad()
                 for name, fn in contenders.items():
                     start = time.perf_counter()
                     fn()
@@ -95,7 +95,7 @@ def interleaved(contenders: Mapping[str, Callable[[], object]], repeats: int, wa
     return Timings(samples, others)
 
 
-class _OtherLoad:
+class OtherLoad:
     """CPU time used by other processes since creation, per second of wall time (None without /proc/stat)."""
 
     def __init__(self):
