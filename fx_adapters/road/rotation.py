@@ -93,7 +93,8 @@ def rotate(y: torch.Tensor, cols: torch.Tensor, group_size: int, out: torch.Tens
     """Apply the transform to the last dim of ``y``; ``cols`` is ``(..., 2, out)`` and broadcasts against ``y``.
 
     Without autograd the result is written into ``out`` (``y`` itself for an in-place rotation, which keeps
-    a copy of half of ``y``; a fresh tensor, which needs no copy at all). With autograd a differentiable
+    a copy of ``y``'s partners; a fresh tensor otherwise) in three elementwise ops over ``(groups, 2, half)``
+    views: a decode step's tiny tensors make each op's dispatch cost count. With autograd a differentiable
     expression is used and ``out`` is ignored.
     """
     d, f = cols.select(-2, 0), cols.select(-2, 1)
@@ -101,13 +102,9 @@ def rotate(y: torch.Tensor, cols: torch.Tensor, group_size: int, out: torch.Tens
         return y * d + swap(y, group_size) * f
     if out is None:
         out = torch.empty(torch.broadcast_shapes(y.shape, d.shape), dtype=y.dtype, device=y.device)
-    y0, y1 = _pairs(y, group_size).unbind(-2)
-    o0, o1 = _pairs(out, group_size).unbind(-2)
-    d0, d1 = _pairs(d, group_size).unbind(-2)
-    f0, f1 = _pairs(f, group_size).unbind(-2)
-    first = y0.clone() if out is y else y0
-    torch.mul(y0, d0, out=o0).addcmul_(y1, f0)
-    torch.mul(y1, d1, out=o1).addcmul_(first, f1)
+    pairs = _pairs(y, group_size)
+    partners = pairs.flip(-2)  # a copy: y may be out
+    torch.mul(pairs, _pairs(d, group_size), out=_pairs(out, group_size)).addcmul_(partners, _pairs(f, group_size))
     return out
 
 
