@@ -212,6 +212,24 @@ BEAMS = dict(num_beams=3, num_return_sequences=2, repetition_penalty=1.3, no_rep
              max_new_tokens=8, length_penalty=0.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_generate_after_a_dtype_move_equals_peft_after_the_same_move(dtype, tmp_path):
+    model = build_hf("llama", initializer_range=0.2)
+    torch.manual_seed(1)
+    peft_model = peft_road(model, variant="road_2", group_size=8, init_weights=False, target_modules="all-linear")
+    peft_model.save_pretrained(tmp_path)
+    ours = fxa.compile_with_road(model, fxa.RoadConfig(group_size=8, target_modules=["q_proj"]), adapter_name="init")
+    ours.load_adapter(tmp_path, adapter_name="first")
+    ours.set_adapter("first")
+    ids, mask = padded_batch()
+    ours.generate(ids, attention_mask=mask, max_new_tokens=2)  # the float32 step graph exists before the move
+    ours.to(dtype), peft_model.to(dtype)
+    expected = peft_generate(peft_model, ids, mask)
+    with peft_model.disable_adapter():
+        assert not torch.equal(expected, peft_generate(peft_model, ids, mask))  # the adapter changes the tokens
+    assert torch.equal(ours.generate(ids, attention_mask=mask, max_new_tokens=NEW), expected)
+
+
 def test_road_beam_search_with_penalties_equals_peft(road):
     ids, mask = padded_batch()
     with torch.no_grad():

@@ -31,7 +31,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .capture import CapturedModel, CaptureError, capture
-from .graph_module import outside_inference_mode, owned_copy, read_from
+from .graph_module import outside_inference_mode, owned_copy, parameters_of, read_from
 from .signature import CallSignature, bind_call
 
 __all__ = ["Captures", "example_inputs"]
@@ -55,11 +55,6 @@ def example_inputs(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return examples
 
 
-def _parameters_of(module: nn.Module) -> tuple[torch.dtype, torch.device]:
-    first = next((p for p in module.parameters() if p.is_floating_point()), None)
-    return (torch.float32, torch.device("cpu")) if first is None else (first.dtype, first.device)
-
-
 class Captures:
     """The captures of one compiled module (module docstring). ``model`` is the model it was compiled from (kept as a
     structural copy sharing its parameters; None: only the primary signature can be served)."""
@@ -77,7 +72,7 @@ class Captures:
         """The captures of a module compiled from ``model``: new signatures only for ``torch.export`` captures of
         transformers models (``capture``'s own method for them)."""
         exported = primary.method == "export" and hasattr(model, "config")
-        return cls(primary, model if exported else None, *_parameters_of(model))
+        return cls(primary, model if exported else None, *parameters_of(model))
 
     @property
     def signatures(self) -> list[CallSignature]:
@@ -94,7 +89,7 @@ class Captures:
         if "input_ids" in values and "attention_mask" not in values and "attention_mask" in order:
             values["attention_mask"] = torch.ones_like(values["input_ids"])  # the model's default: every token counts
         values = dict(sorted(values.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
-        dtype, device = _parameters_of(module)
+        dtype, device = parameters_of(module)
         return CallSignature.of(values, flags, training=module.training, dtype=dtype, device=device), values
 
     @outside_inference_mode

@@ -43,7 +43,7 @@ from torch import nn
 
 from .capture import CaptureError
 from .capture_cache import CacheGraphs, cache_argument, capture_with_cache, is_causal_lm
-from .graph_module import outside_inference_mode, owned_copy, read_from
+from .graph_module import outside_inference_mode, owned_copy, parameters_of, read_from
 from .signature import bind_call
 
 __all__ = ["REFUSED", "GenerationSource", "Step", "StepLM", "attach", "base_step", "batch_size", "cache_tensors",
@@ -65,6 +65,17 @@ class GenerationSource:
         self.model, self.problem = model, problem
         self.captured: CacheGraphs | None = None
         self.built: dict[str, tuple] = {}  # name -> (key, what build returned)
+        self.moved: dict[tuple[torch.dtype, torch.device], GenerationSource] = {}
+
+    def for_parameters(self, dtype: torch.dtype, device: torch.device) -> GenerationSource:
+        """The source for a module whose parameters are now of ``dtype`` on ``device`` (after ``.to()``): this one,
+        or one holding a copy of the model moved there, with its own captures (a graph bakes in its dtype and
+        device)."""
+        if (dtype, torch.device(device)) == parameters_of(self.model):
+            return self
+        if (dtype, device) not in self.moved:
+            self.moved[dtype, device] = GenerationSource(owned_copy(self.model).to(device=device, dtype=dtype))
+        return self.moved[dtype, device]
 
     def __reduce__(self):
         return GenerationSource, (None, f"it was unpickled, which drops the model it was compiled from; {_ATTACH}")
@@ -105,7 +116,7 @@ def source_of(module: nn.Module) -> GenerationSource:
         None, f"it was not built by compile_with_xlora / XLoraModule.from_captured / compile_with_road; {_ATTACH}")
     if source.problem:
         raise TypeError(f"{type(module).__name__}.generate: {source.problem}")
-    return source
+    return source.for_parameters(*parameters_of(module))
 
 
 def module_types(model: nn.Module) -> dict[str, type]:
@@ -223,9 +234,7 @@ def generate(step: Step, source: GenerationSource, module: nn.Module, *args, **k
     """transformers' ``generate(*args, **kwargs)`` over ``step`` (module docstring); ``module`` gives the device and
     dtype. Returns what transformers' ``generate`` returns."""
     check_arguments(source, kwargs)
-    parameter = next((p for p in module.parameters() if p.is_floating_point()), None)
-    device, dtype = (parameter.device, parameter.dtype) if parameter is not None else (torch.device("cpu"),
-                                                                                      torch.float32)
+    dtype, device = parameters_of(module)
     lm = _generate_class()(step, source, source.captured.input_names, device, dtype)
     with torch.no_grad():
         return lm.generate(*args, **kwargs)

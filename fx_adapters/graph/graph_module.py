@@ -48,6 +48,13 @@ def owned_copy(model: nn.Module) -> nn.Module:
     return owned
 
 
+def parameters_of(module: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device of ``module``'s first floating-point parameter (fp32 on the CPU when it has none): what
+    a capture of it bakes in."""
+    first = next((p for p in module.parameters() if p.is_floating_point()), None)
+    return (torch.float32, torch.device("cpu")) if first is None else (first.dtype, first.device)
+
+
 def mark_non_persistent_buffers(gm: nn.Module, model: nn.Module) -> None:
     """Keep ``model``'s non-persistent buffers out of ``gm.state_dict()`` too."""
     buffers = dict(gm.named_buffers())

@@ -93,9 +93,10 @@ def rotate(y: torch.Tensor, cols: torch.Tensor, group_size: int, out: torch.Tens
     """Apply the transform to the last dim of ``y``; ``cols`` is ``(..., 2, out)`` and broadcasts against ``y``.
 
     Without autograd the result is written into ``out`` (``y`` itself for an in-place rotation, which keeps
-    a copy of ``y``'s partners; a fresh tensor otherwise) in three elementwise ops over ``(groups, 2, half)``
-    views: a decode step's tiny tensors make each op's dispatch cost count. With autograd a differentiable
-    expression is used and ``out`` is ignored.
+    a copy of ``y``'s partners; a fresh tensor otherwise) in four elementwise ops over ``(groups, 2, half)``
+    views (a decode step's tiny tensors make each op's dispatch cost count), rounding as PEFT's ``y * first +
+    rotate_half(y) * second`` does (no fused multiply-add: bit-equal in half precision too). With autograd a
+    differentiable expression is used and ``out`` is ignored.
     """
     d, f = cols.select(-2, 0), cols.select(-2, 1)
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (y.requires_grad or cols.requires_grad)):
@@ -103,8 +104,8 @@ def rotate(y: torch.Tensor, cols: torch.Tensor, group_size: int, out: torch.Tens
     if out is None:
         out = torch.empty(torch.broadcast_shapes(y.shape, d.shape), dtype=y.dtype, device=y.device)
     pairs = _pairs(y, group_size)
-    partners = pairs.flip(-2)  # a copy: y may be out
-    torch.mul(pairs, _pairs(d, group_size), out=_pairs(out, group_size)).addcmul_(partners, _pairs(f, group_size))
+    partners = pairs.flip(-2) * _pairs(f, group_size)  # before out is written: y may be out
+    torch.mul(pairs, _pairs(d, group_size), out=_pairs(out, group_size)).add_(partners)  # PEFT's roundings (no fma)
     return out
 
 
