@@ -25,7 +25,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 from transformers.generation.streamers import BaseStreamer
-from xlora_helpers import peft_classifier_state, peft_xlora, save_experts
+from xlora_helpers import peft_classifier_state, peft_to, peft_xlora, save_experts
 
 import fx_adapters as fxa
 from fx_adapters.graph.capture import CaptureError
@@ -142,6 +142,20 @@ def test_xlora_beam_search_with_penalties_equals_peft_and_its_scalings_follow_th
         assert not torch.equal(xlora.model.generate(input_ids=ids, attention_mask=mask, **BEAMS), expected)
     assert torch.equal(xlora.ours.generate(input_ids=ids, attention_mask=mask, **BEAMS), expected)
     torch.testing.assert_close(xlora.ours.get_latest_scalings(), xlora.peft.get_latest_scalings(), atol=1e-5, rtol=0)
+
+
+def test_xlora_generate_after_a_dtype_move_equals_peft_after_the_same_move(tmp_path):
+    model = build_hf("llama")
+    dirs = save_experts(model, tmp_path, specs=SPECS[:2])
+    peft_model = peft_xlora(model, dirs, **XLORA)
+    ours = fxa.compile_with_xlora(model, fxa.XLoraConfig(adapters={f"e{i}": d for i, d in enumerate(dirs)}, **XLORA))
+    ours.classifier.load_state_dict(peft_classifier_state(peft_model))
+    ids, mask = padded_batch()
+    ours.generate(ids, attention_mask=mask, max_new_tokens=2)  # the float32 step graph exists before the move
+    ours.to(torch.float64), peft_to(peft_model, torch.float64)
+    expected = peft_generate(peft_model, ids, mask)
+    assert torch.equal(ours.generate(ids, attention_mask=mask, max_new_tokens=NEW), expected)
+    torch.testing.assert_close(ours.get_latest_scalings(), peft_model.get_latest_scalings(), atol=1e-6, rtol=0)
 
 
 def test_disabled_xlora_generates_the_base_model(xlora):
