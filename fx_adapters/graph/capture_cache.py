@@ -139,6 +139,7 @@ def capture_with_cache(model: nn.Module) -> CacheGraphs:
     gm, _ = flat_graph_module(ep.module(check_guards=False), names + cache_names, ep.call_spec.out_spec,
                               type(model).__name__, bnb_layers)
     _drop_empty_concatenations(gm)
+    _drop_no_ops(gm)
     mark_non_persistent_buffers(gm, owned)
     return CacheGraphs(gm, names, cache_names, tuple((t.shape[1], t.shape[3]) for t in cache), cache[0].dtype)
 
@@ -157,6 +158,26 @@ def _drop_empty_concatenations(gm: torch.fx.GraphModule) -> None:
             node.args = (kept, *node.args[1:])
         for dropped in set(tensors) - set(kept):
             _erase_unused(gm, dropped)
+    graph.lint()
+    gm.recompile()
+
+
+def _drop_no_ops(gm: torch.fx.GraphModule) -> None:
+    """Drop the dtype / device checks export records (``aten._assert_tensor_metadata``) and the casts to the dtype a
+    tensor already has: each costs a dispatch per decode step, and a step graph is captured per parameter dtype and
+    device (``generation.GenerationSource.for_parameters``), so they always hold."""
+    graph = gm.graph
+    for node in list(graph.find_nodes(op="call_function", target=torch.ops.aten._assert_tensor_metadata.default)):
+        if not node.users:
+            graph.erase_node(node)
+    for node in list(graph.find_nodes(op="call_function", target=torch.ops.aten.to.dtype)):
+        source, value = node.args[0], node.meta.get("val")
+        before = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
+        copies = node.args[3] if len(node.args) > 3 else node.kwargs.get("copy", False)
+        if isinstance(before, torch.Tensor) and isinstance(value, torch.Tensor) and not copies \
+                and before.dtype == value.dtype and len(node.args) <= 4 and "memory_format" not in node.kwargs:
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
     graph.lint()
     gm.recompile()
 
