@@ -134,6 +134,12 @@ class Fold:
     back as it was when all its folds are undone and the original is kept, else applies ``R⁻¹`` like ``"inverse"``
     (dense weights are always undone by ``R⁻¹``)."""
 
+    @property
+    def tensor_names(self) -> tuple[str, str | None]:
+        """The names of the layer's weight and bias (None without a bias) in the graph module."""
+        name = self.target.name
+        return f"{name}.weight", f"{name}.bias" if self.target.has_bias else None
+
     def inverse(self, exact: bool = True) -> Fold:
         """The fold that undoes this one; raises ``NotInvertibleError`` naming the layer and adapter."""
         where = f"adapter {self.adapter!r} on layer {self.target.name!r}"
@@ -175,7 +181,7 @@ class RotateWeights(PassBase):
             if fold.target.kind in QUANTIZED_KINDS:
                 quantized_folds.setdefault(name, []).append(fold)
                 continue
-            keys = (f"{name}.weight", f"{name}.bias" if fold.target.has_bias else None)
+            keys = fold.tensor_names
             weight, bias = (None if key is None else new.get(key, tensor_at(graph_module, key, name)) for key in keys)
             weight, bias = fold_weight(weight, bias, fold.cols, fold.group_size, fold.target.kind)
             self._check_finite(fold, weight, bias)

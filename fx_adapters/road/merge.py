@@ -92,7 +92,7 @@ class MergeState:
         merges = [(name, folds(name)) for name in todo]
         copies = copies_of(todo)
         unrotated = {fqn: tensor_at(gm, fqn, f.target.name) for _, folds in merges for f in folds
-                     if f.target.kind in WEIGHT_KINDS for fqn in _weight_names(f) if fqn not in self.unrotated}
+                     if f.target.kind in WEIGHT_KINDS for fqn in f.tensor_names if fqn and fqn not in self.unrotated}
         self.rotate(gm, [f for _, folds in merges for f in folds], safe)
         originals = {fqn: gm.get_parameter(fqn) for fqn in copies}
         assign_all(gm, copies)
@@ -138,11 +138,6 @@ class MergeState:
         base = copy_graph_module(folded)
         self.rotate(base, inverse)
         return base
-
-
-def _weight_names(fold: Fold) -> tuple[str, ...]:
-    name = fold.target.name
-    return (f"{name}.weight", f"{name}.bias") if fold.target.has_bias else (f"{name}.weight",)
 
 
 def folded_adapters(folded: torch.fx.GraphModule) -> list[str] | None:
