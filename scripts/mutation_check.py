@@ -75,8 +75,8 @@ MUTANTS = (
            "training=False, dtype=dtype",
            ("tests/test_xlora_call_signatures.py", "-k", "training")),
     Mutant("rotation-in-place-reads-overwritten-half", "fx_adapters/road/rotation.py",
-           "out=_pairs(out, group_size)).add_(partners)",
-           "out=_pairs(out, group_size)).addcmul_(pairs.flip(-2), _pairs(f, group_size))",
+           "torch.mul(pairs, d, out=out).add_(partners)",
+           "torch.mul(pairs, d, out=out).addcmul_(pairs.flip(-2), f)",
            ("tests/test_rotation.py", "-k", "in_place")),
     Mutant("fold-computed-in-half-precision", "fx_adapters/road/fold.py",
            "compute = torch.promote_types(weight.dtype, torch.float32)",
@@ -91,8 +91,8 @@ MUTANTS = (
            '"attention_mask": attention_mask, "position_ids": position_ids * 0}',
            ("tests/test_generate.py", "-k", "greedy_road")),
     Mutant("generate-ignores-the-adapter", "fx_adapters/road/generation.py",
-           "return generation.graph_step(graph, source.captured, (rows,))(inputs, cache)",
-           "return generation.graph_step(graph, source.captured, (None,))(inputs, cache)",
+           "attrgetter(slot_map)(graph), rows,",
+           "attrgetter(slot_map)(graph), None,",
            ("tests/test_generate.py", "-k", "greedy_road")),
 )
 

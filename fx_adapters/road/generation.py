@@ -7,26 +7,41 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import attrgetter
 
 import torch
 
 from ..graph import generation
 from ..graph.graph_module import read_from
 from .captures import road_rewrite
+from .rewrite import SelectColumnsAhead
+from .rotation import select_columns
 
 
 def road_step(am, source: generation.GenerationSource, index: torch.Tensor | None) -> generation.Step:
     """The step of ``am``'s adapters, ``index`` its ``road_input`` (one adapter per prompt: repeated for beams and
-    returned sequences)."""
+    returned sequences). Each rotation's columns are selected once per call and batch size
+    (``rewrite.SelectColumnsAhead``), not at every step."""
     sites, build = road_rewrite(am.graph_module)
-    graph = source.graphs("road", sites, lambda s: read_from(build(s.captured.step, s.model), am.graph_module))
+    graph, reads = source.graphs("road", sites, lambda s: _columns_ahead(read_from(build(s.captured.step, s.model),
+                                                                                     am.graph_module)))
+    selected: dict[int, tuple] = {}  # batch size -> road_index and each rotation's columns
 
     def step(inputs: tuple, cache: tuple) -> tuple[torch.Tensor, tuple]:
-        rows = index
-        if index is not None and index.dim() == 1:
-            rows = index.repeat_interleave(inputs[0].shape[0] // index.shape[0])
-        return generation.graph_step(graph, source.captured, (rows,))(inputs, cache)
+        batch = inputs[0].shape[0]
+        if batch not in selected:
+            rows = index
+            if index is not None and index.dim() == 1:
+                rows = index.repeat_interleave(batch // index.shape[0])
+            selected[batch] = (rows, *(select_columns(attrgetter(table)(graph), attrgetter(slot_map)(graph), rows,
+                                                      group_size) for table, slot_map, group_size in reads))
+        return generation.graph_step(graph, source.captured, selected[batch])(inputs, cache)
     return step
+
+
+def _columns_ahead(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, list[tuple[str, str, int]]]:
+    ahead = SelectColumnsAhead()
+    return ahead(gm).graph_module, ahead.reads
 
 
 def generate_road(am, *args, adapter_names: Sequence[str] | None = None, adapter_name: str | None = None,

@@ -34,7 +34,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from ..graph.match import Target, layer_key
 from ..graph.tags import Tag, set_tag, tag_of, tagged
 from .layer import RoadLayer, slots_name
-from .rotation import road_rotate
+from .rotation import road_rotate, rotate_selected
 
 ADAPTERS_ATTR = "road_adapters"
 INDEX_INPUT = "road_index"
@@ -142,6 +142,54 @@ class RemoveRoadRotations(PassBase):
                 del layers[layer_key(tag.layer)]
             modified = True
         return PassResult(graph_module, modified)
+
+
+class SelectColumnsAhead(PassBase):
+    """Make every rotation read columns selected ahead (``rotation.select_columns``) from a new graph input, for a
+    decode loop that keeps one choice of adapters for many steps (``generation.road_step``)::
+
+        table = get_attr[road_adapters.model__layers__0__self_attn__q_proj.table_g64]
+        slot_map = get_attr[road_adapters.model__layers__0__self_attn__q_proj.slots_g64]
+        rotated = call_function[road_rotate](linear, table, slot_map, road_index, 64)
+
+    becomes::
+
+        rotated = call_function[rotate_selected](linear, road_columns_0)
+
+    with one input ``road_columns_<i>`` per rotation, in graph order after the other inputs. ``reads`` lists, in that
+    order, each rotation's table and slot-map attributes and group size: what to select the columns from per call
+    (``select_columns(table, slot_map, road_index, group_size)``). ``road_index`` stays an input (saved layers read
+    it).
+
+    >>> from fx_adapters.graph.match import find_linear_layers
+    >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 8)))
+    >>> (target,) = find_linear_layers(gm, {"0": nn.Linear})
+    >>> gm = InsertRoadRotations([(target, 4)])(gm).graph_module
+    >>> ahead = SelectColumnsAhead()
+    >>> [n.name for n in ahead(gm).graph_module.graph.nodes]
+    ['input_1', 'road_index', 'road_columns_0', '_0', 'road_rotate', 'output']
+    >>> ahead.reads
+    [('road_adapters.0.table_g4', 'road_adapters.0.slots_g4', 4)]
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[tuple[str, str, int]] = []
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        graph = graph_module.graph
+        last = index_input(graph)
+        for i, (node, _) in enumerate(rotations(graph)):
+            y, table, slot_map, _, group_size = node.args
+            with graph.inserting_after(last):
+                last = graph.placeholder(f"road_columns_{i}", default_value=None)
+            node.target, node.args = rotate_selected, (y, last)
+            for read in (table, slot_map):
+                if not read.users:
+                    graph.erase_node(read)
+            self.reads.append((table.target, slot_map.target, group_size))
+        graph_module.recompile()
+        return PassResult(graph_module, bool(self.reads))
 
 
 class OrderRoadRotations(PassBase):

@@ -92,26 +92,44 @@ def invert(cols: torch.Tensor, group_size: int) -> torch.Tensor:
 def rotate(y: torch.Tensor, cols: torch.Tensor, group_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Apply the transform to the last dim of ``y``; ``cols`` is ``(..., 2, out)`` and broadcasts against ``y``.
 
-    Without autograd the result is written into ``out`` (``y`` itself for an in-place rotation, which keeps
-    a copy of ``y``'s partners; a fresh tensor otherwise) in four elementwise ops over ``(groups, 2, half)``
-    views (a decode step's tiny tensors make each op's dispatch cost count), rounding as PEFT's ``y * first +
-    rotate_half(y) * second`` does (no fused multiply-add: bit-equal in half precision too). With autograd a
-    differentiable expression is used and ``out`` is ignored.
+    Without autograd the result is written into ``out`` (``y`` itself for an in-place rotation; a fresh tensor
+    otherwise) and returned (``_rotate_pairs``). With autograd a differentiable expression is used and ``out`` is
+    ignored.
     """
-    d, f = cols.select(-2, 0), cols.select(-2, 1)
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (y.requires_grad or cols.requires_grad)):
-        return y * d + swap(y, group_size) * f
-    if out is None:
-        out = torch.empty(torch.broadcast_shapes(y.shape, d.shape), dtype=y.dtype, device=y.device)
+    d, f = _pairs(cols.select(-2, 0), group_size), _pairs(cols.select(-2, 1), group_size)
     pairs = _pairs(y, group_size)
-    partners = pairs.flip(-2) * _pairs(f, group_size)  # before out is written: y may be out
-    torch.mul(pairs, _pairs(d, group_size), out=_pairs(out, group_size)).add_(partners)  # PEFT's roundings (no fma)
+    if _differentiable(pairs, d, f):
+        return _rotate_pairs(pairs, d, f, None).flatten(-3)
+    if out is None:
+        out = torch.empty(torch.broadcast_shapes(y.shape, cols.select(-2, 0).shape), dtype=y.dtype, device=y.device)
+    _rotate_pairs(pairs, d, f, _pairs(out, group_size))
     return out
+
+
+def _differentiable(*tensors: torch.Tensor) -> bool:
+    return torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def _rotate_pairs(pairs: torch.Tensor, d: torch.Tensor, f: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``pairs * d + flip(pairs) * f`` over ``(..., groups, 2, half)`` views: PEFT's ``y * first + rotate_half(y) *
+    second``, rounding as it does (no fused multiply-add: bit-equal in half precision too). Written into ``out``
+    (which may be ``pairs``: the partners are copied first) in four elementwise ops, for calls without autograd (a
+    decode step's tiny tensors make each op's dispatch cost count); with ``out`` None, a differentiable expression."""
+    if out is None:
+        return pairs * d + pairs.flip(-2) * f
+    partners = pairs.flip(-2) * f
+    return torch.mul(pairs, d, out=out).add_(partners)
+
+
+PairColumns = tuple[torch.Tensor, torch.Tensor]
+"""A rotation's columns ``d`` and ``f`` as ``(groups, 2, half)`` views (one adapter for the batch) or
+``(batch, 1, groups, 2, half)`` (one adapter per sample): what ``select_columns`` returns and ``rotate_selected``
+applies."""
 
 
 def road_rotate(y: torch.Tensor, table: torch.Tensor, slot_map: torch.Tensor, index: torch.Tensor | None,
                 group_size: int) -> torch.Tensor:
-    """The graph op inserted after each adapted layer.
+    """The graph op inserted after each adapted layer: ``rotate_selected(y, select_columns(...))``.
 
     ``table`` is ``(rows, 2, out)``: one row of columns per adapter of this layer, row 0 the identity;
     ``slot_map`` maps an adapter id to its row (0 for adapters that do not adapt this layer).
@@ -119,16 +137,32 @@ def road_rotate(y: torch.Tensor, table: torch.Tensor, slot_map: torch.Tensor, in
     per sample: a single gather, no loop over adapters; dim 0 of ``y`` is batch-major) or ``None`` (adapters
     disabled). ``y`` is the layer's fresh output; it is rotated in place when autograd does not need it.
     """
+    return rotate_selected(y, select_columns(table, slot_map, index, group_size))
+
+
+def select_columns(table: torch.Tensor, slot_map: torch.Tensor, index: torch.Tensor | None,
+                   group_size: int) -> PairColumns | None:
+    """The columns ``road_rotate`` applies for ``index`` (``None`` when adapters are disabled): a decode loop selects
+    them once per ``generate`` call (``rewrite.SelectColumnsAhead``)."""
     if index is None:
-        return y
+        return None
     if index.dim() == 0 and not torch.compiler.is_compiling():
         cols = table[int(slot_map[int(index)])]  # a view; inductor cannot trace the .item() this needs
     else:
-        rows = slot_map.index_select(0, index.reshape(-1).to(slot_map.device))
-        cols = table.index_select(0, rows)
-        cols = cols.squeeze(0) if index.dim() == 0 else cols
-    x = y.to(table.dtype)  # adapters compute in their own dtype (fp32 on a bf16 model), as PEFT does
-    if index.dim() == 1:  # one row per sample; layers that fold the batch into dim 0 (OPT's MLP) work too
-        x = x.reshape(index.shape[0], -1, x.shape[-1])
-        cols = cols.unsqueeze(1)
-    return rotate(x, cols, group_size, out=x).reshape(y.shape).to(y.dtype)
+        cols = table.index_select(0, slot_map.index_select(0, index.reshape(-1).to(slot_map.device)))
+        cols = cols.squeeze(0) if index.dim() == 0 else cols.unsqueeze(1)
+    return _pairs(cols.select(-2, 0), group_size), _pairs(cols.select(-2, 1), group_size)
+
+
+def rotate_selected(y: torch.Tensor, columns: PairColumns | None) -> torch.Tensor:
+    """``y`` (a layer's fresh output, rotated in place when autograd does not need it) rotated by ``columns``,
+    computed in their dtype (fp32 adapters on a bf16 model, as PEFT does); ``y`` itself when ``columns`` is None.
+    Layers that fold the batch into dim 0 (OPT's MLP) take per-sample columns too: dim 0 of ``y`` is batch-major."""
+    if columns is None:
+        return y
+    d, f = columns
+    x = y if y.dtype == d.dtype else y.to(d.dtype)  # a decode step's no-op calls cost more than its math
+    lead = (d.shape[0], -1) if d.dim() == 5 else x.shape[:-1]
+    pairs = x.reshape(*lead, d.shape[-3], 2, d.shape[-1])
+    rotated = _rotate_pairs(pairs, d, f, None if _differentiable(pairs, d, f) else pairs).reshape(y.shape)
+    return rotated if rotated.dtype == y.dtype else rotated.to(y.dtype)
