@@ -94,6 +94,10 @@ MUTANTS = (
            "attrgetter(slot_map)(graph), rows,",
            "attrgetter(slot_map)(graph), None,",
            ("tests/test_generate.py", "-k", "greedy_road")),
+    Mutant("generate-computes-every-prompt-position-logits", "fx_adapters/road/generation.py",
+           "road_step(am, source, index, last_logits=True)",
+           "road_step(am, source, index, last_logits=False)",
+           ("tests/test_generate.py", "-k", "matmuls")),
 )
 
 

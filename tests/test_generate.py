@@ -325,6 +325,25 @@ def test_road_generate_follows_adapters_added_after_it_ran(road):
     assert torch.equal(got, peft_generate(road.peft, ids, mask, adapter_names=["second"] * 3))
 
 
+def test_road_generate_runs_the_matmuls_of_transformers_own_generate(road):
+    """The prompt's output head runs on its last position only, as transformers' ``generate`` has the model do
+    (``logits_to_keep=1``): with adapters disabled (RoAd adds elementwise ops only), our generate counts the
+    floating-point operations of the model's own (matmuls and attention, ``FlopCounterMode``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ids, mask = padded_batch()
+
+    def flops(generate) -> int:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        return counter.get_total_flops()
+
+    road.ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1)  # capture outside the counter
+    with road.ours.disable_adapters():
+        ours = flops(road.ours.generate)
+    assert ours == flops(road.model.generate)
+
+
 # ----------------------------------------------------------------------------------- forward(use_cache=True)
 
 

@@ -43,7 +43,9 @@ from torch import nn
 
 from .capture import CaptureError
 from .capture_cache import CacheGraphs, cache_argument, capture_with_cache, is_causal_lm
-from .graph_module import outside_inference_mode, owned_copy, parameters_of, read_from
+from .graph_module import copy_graph_module, outside_inference_mode, owned_copy, parameters_of, read_from
+from .match import output_head
+from .passes import LastPositionLogits, run_passes
 from .signature import bind_call
 
 __all__ = ["REFUSED", "GenerationSource", "Step", "StepLM", "attach", "base_step", "batch_size", "cache_tensors",
@@ -64,6 +66,7 @@ class GenerationSource:
     def __init__(self, model: nn.Module | None, problem: str | None = None):
         self.model, self.problem = model, problem
         self.captured: CacheGraphs | None = None
+        self.last_logits: torch.fx.GraphModule | None = None
         self.built: dict[str, tuple] = {}  # name -> (key, what build returned)
         self.moved: dict[tuple[torch.dtype, torch.device], GenerationSource] = {}
 
@@ -82,8 +85,18 @@ class GenerationSource:
 
     def __deepcopy__(self, memo):
         new = GenerationSource(self.model, self.problem)
-        new.captured = self.captured  # read-only templates; built graphs would read the original module
+        new.captured, new.last_logits = self.captured, self.last_logits  # read-only templates; built graphs would
+        # read the original module
         return new
+
+    def last_logits_step(self) -> torch.fx.GraphModule:
+        """A copy of the captured step graph whose output head reads the last position only
+        (``passes.LastPositionLogits``): the logits ``generate`` reads. Built on first use."""
+        if self.last_logits is None:
+            step = copy_graph_module(self.captured.step)
+            run_passes(step, [LastPositionLogits(output_head(self.model), module_types(self.model))])
+            self.last_logits = step
+        return self.last_logits
 
     @outside_inference_mode
     def graphs(self, name: str, key, build: Callable[[GenerationSource], object]):

@@ -4,7 +4,8 @@ Each pass takes a ``torch.fx.GraphModule`` and returns ``PassResult(graph_module
 ``run_passes`` runs them with ``torch.fx``'s PassManager, which recompiles after each pass, lints the graph
 and names the pass that failed. ``RebuildOutput`` makes a graph that returns flat leaves return the model's own
 output (for ``fold``), ``PlainOutput`` turns that into built-in containers (for ``.pt2`` files), and
-``DefaultAttentionMask`` makes ``attention_mask`` optional, as transformers models have it.
+``DefaultAttentionMask`` makes ``attention_mask`` optional, as transformers models have it, and
+``LastPositionLogits`` makes a step graph's output head read the last position only (for ``generate``).
 
 >>> import torch
 >>> from torch import nn
@@ -18,6 +19,7 @@ output (for ``fold``), ``PlainOutput`` turns that into built-in containers (for 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -26,6 +28,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from .capture import Constant
+from .match import find_linear_layers
 
 INPUT_IDS, ATTENTION_MASK = "input_ids", "attention_mask"
 
@@ -157,4 +160,40 @@ class DefaultAttentionMask(PassBase):
             zeros = graph.call_function(torch.zeros_like, (ids,))
             filled = graph.call_function(torch.clamp, (ones,), {"min": zeros, "max": mask})
         mask.replace_all_uses_with(filled, delete_user_cb=lambda user: user is not filled)
+        return PassResult(graph_module, True)
+
+
+class LastPositionLogits(PassBase):
+    """Make the output head (``head``, a linear layer of ``module_types``) read the last position of its input only,
+    in a graph whose logits only ``generate`` reads (transformers' ``generate`` passes ``logits_to_keep=1`` to a
+    model for the same reason): the other positions of a prompt cost the head's whole matmul (vocabulary × hidden
+    each) and their logits' memory for nothing::
+
+        logits = call_function[aten.linear](hidden, lm_head_weight)
+
+    becomes::
+
+        last = call_function[aten.slice.Tensor](hidden, 1, -1, sys.maxsize)
+        logits = call_function[aten.linear](last, lm_head_weight)
+
+    Other readers of ``hidden`` keep every position. A head that is not an ``aten.linear`` call (a quantized or
+    Conv1D head) is left alone: its logits stay whole (``modified`` is False).
+    """
+
+    def __init__(self, head: str | None, module_types: Mapping[str, type]):
+        super().__init__()
+        self.head, self.module_types = head, module_types
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        graph = graph_module.graph
+        layers = {t.name: t for t in find_linear_layers(graph_module, self.module_types)}
+        nodes = {n.name: n for n in graph.nodes}
+        heads = [nodes[name] for name in (layers[self.head].nodes if self.head in layers else ())]
+        if not heads or any(node.target != torch.ops.aten.linear.default for node in heads):
+            return PassResult(graph_module, False)
+        for node in heads:
+            hidden = node.args[0]
+            with graph.inserting_before(node):
+                last = graph.call_function(torch.ops.aten.slice.Tensor, (hidden, 1, -1, sys.maxsize))
+            node.replace_input_with(hidden, last)
         return PassResult(graph_module, True)

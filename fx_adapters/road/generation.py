@@ -18,13 +18,18 @@ from .rewrite import SelectColumnsAhead
 from .rotation import select_columns
 
 
-def road_step(am, source: generation.GenerationSource, index: torch.Tensor | None) -> generation.Step:
+def road_step(am, source: generation.GenerationSource, index: torch.Tensor | None, last_logits: bool = False
+              ) -> generation.Step:
     """The step of ``am``'s adapters, ``index`` its ``road_input`` (one adapter per prompt: repeated for beams and
-    returned sequences). Each rotation's columns are selected once per call and batch size
-    (``rewrite.SelectColumnsAhead``), not at every step."""
+    returned sequences), with the logits of the last position only if ``last_logits`` (for ``generate``). Each
+    rotation's columns are selected once per call and batch size (``rewrite.SelectColumnsAhead``), not at every step.
+    """
     sites, build = road_rewrite(am.graph_module)
-    graph, reads = source.graphs("road", sites, lambda s: _columns_ahead(read_from(build(s.captured.step, s.model),
-                                                                                     am.graph_module)))
+
+    def built(s: generation.GenerationSource):
+        captured = s.last_logits_step() if last_logits else s.captured.step
+        return _columns_ahead(read_from(build(captured, s.model), am.graph_module))
+    graph, reads = source.graphs("road_generate" if last_logits else "road", sites, built)
     selected: dict[int, tuple] = {}  # batch size -> road_index and each rotation's columns
 
     def step(inputs: tuple, cache: tuple) -> tuple[torch.Tensor, tuple]:
@@ -52,7 +57,7 @@ def generate_road(am, *args, adapter_names: Sequence[str] | None = None, adapter
     source = generation.source_of(am)
     generation.check_arguments(source, kwargs)
     index = am.road_input(adapter_names, generation.batch_size(args, kwargs), adapter_name)
-    return generation.generate(road_step(am, source, index), source, am, *args, **kwargs)
+    return generation.generate(road_step(am, source, index, last_logits=True), source, am, *args, **kwargs)
 
 
 def forward_road_with_cache(am, args: tuple, kwargs: dict, adapter_names: Sequence[str] | None,
