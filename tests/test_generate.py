@@ -325,23 +325,37 @@ def test_road_generate_follows_adapters_added_after_it_ran(road):
     assert torch.equal(got, peft_generate(road.peft, ids, mask, adapter_names=["second"] * 3))
 
 
-def test_road_generate_runs_the_matmuls_of_transformers_own_generate(road):
-    """The prompt's output head runs on its last position only, as transformers' ``generate`` has the model do
-    (``logits_to_keep=1``): with adapters disabled (RoAd adds elementwise ops only), our generate counts the
-    floating-point operations of the model's own (matmuls and attention, ``FlopCounterMode``)."""
+def generate_flops(generate) -> int:
+    """The floating-point operations (matmuls and attention) of a greedy ``generate`` of 4 tokens on
+    ``padded_batch()``."""
     from torch.utils.flop_counter import FlopCounterMode
 
     ids, mask = padded_batch()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    return counter.get_total_flops()
 
-    def flops(generate) -> int:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
-        return counter.get_total_flops()
 
+def test_road_generate_runs_the_matmuls_of_transformers_own_generate(road):
+    """The prompt's output head runs on its last position only, as transformers' ``generate`` has the model do
+    (``logits_to_keep=1``): with adapters disabled (RoAd adds elementwise ops only), our generate counts the
+    floating-point operations of the model's own (``FlopCounterMode``)."""
+    ids, mask = padded_batch()
     road.ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1)  # capture outside the counter
     with road.ours.disable_adapters():
-        ours = flops(road.ours.generate)
-    assert ours == flops(road.model.generate)
+        ours = generate_flops(road.ours.generate)
+    assert ours == generate_flops(road.model.generate)
+
+
+def test_disabled_xlora_generate_runs_the_matmuls_of_transformers_own_generate(xlora):
+    ids, mask = padded_batch()
+    xlora.ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1)  # capture outside the counter
+    xlora.ours.disable_adapter_layers()
+    try:
+        ours = generate_flops(xlora.ours.generate)
+    finally:
+        xlora.ours.enable_adapter_layers()
+    assert ours == generate_flops(xlora.model.generate)
 
 
 # ----------------------------------------------------------------------------------- forward(use_cache=True)

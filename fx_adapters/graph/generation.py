@@ -137,8 +137,8 @@ def module_types(model: nn.Module) -> dict[str, type]:
 
 
 def base_step(module: nn.Module, source: GenerationSource) -> Step:
-    """Steps of the model alone, reading ``module``'s tensors."""
-    graph = source.graphs("base", None, lambda s: read_from(s.captured.step, module.graph_module))
+    """Steps of the model alone for ``generate`` (the last position's logits), reading ``module``'s tensors."""
+    graph = source.graphs("base", None, lambda s: read_from(s.last_logits_step(), module.graph_module))
     return graph_step(graph, source.captured, ())
 
 

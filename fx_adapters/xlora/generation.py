@@ -28,6 +28,8 @@ import torch
 from ..graph import generation
 from ..graph.capture import CaptureError
 from ..graph.graph_module import copy_graph_module, read_from
+from ..graph.match import output_head
+from ..graph.passes import LastPositionLogits, run_passes
 from .passes import EXPERTS_ATTR
 from .pipeline import apply_xlora
 
@@ -57,12 +59,17 @@ def check_forward_arguments(decode_scalings, kwargs: dict, where: str) -> None:
 
 
 def _xlora_graph(xm, fixed_scalings: bool) -> Callable[[generation.GenerationSource], torch.fx.GraphModule]:
-    """Builds the step graph with both passes (or, ``fixed_scalings``, the real pass reading given scalings)."""
+    """Builds the step graph with both passes (or, ``fixed_scalings``, the real pass reading given scalings), the
+    output head on the last position only (``passes.LastPositionLogits``) unless experts adapt it."""
     def build(source: generation.GenerationSource) -> torch.fx.GraphModule:
         captured = source.captured
+        targets = [t.name for t in xm.targets]
         gm = apply_xlora(copy_graph_module(captured.step), source.model, xm.classifier,
-                         getattr(xm.graph_module, EXPERTS_ATTR), [t.name for t in xm.targets],
+                         getattr(xm.graph_module, EXPERTS_ATTR), targets,
                          cache=(captured.cache_names, len(captured.cache_names)), fixed_scalings=fixed_scalings)
+        head = output_head(source.model)
+        if head not in targets:  # the classifier reads the head's input whole; experts on the head would too
+            run_passes(gm, [LastPositionLogits(head, generation.module_types(source.model))])
         return read_from(gm, xm.graph_module)
     return build
 
