@@ -123,3 +123,13 @@ def test_road_rotate_computes_in_table_dtype_and_returns_layer_dtype():
     assert got.dtype == torch.bfloat16
     expected = _apply_road("road_1", 4, theta, alpha, y.float()).to(torch.bfloat16)
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_an_adapter_that_does_not_adapt_the_layer_leaves_its_output_untouched():
+    """Slot 0 (the identity row) is skipped, not multiplied: an inf in a partner stays an inf, where ``inf * 0`` would
+    make its pair NaN. PEFT applies nothing to a layer the active adapter does not adapt."""
+    table = torch.stack((identity_columns(4), road_columns("road_1", 4, torch.ones(2), torch.ones(2))))
+    slot_map = torch.tensor([0, 1])  # adapter 0 does not adapt this layer, adapter 1 does
+    y = torch.tensor([[1.0, float("inf"), 3.0, 4.0]])
+    with torch.no_grad():
+        assert torch.equal(road_rotate(y.clone(), table, slot_map, torch.tensor(0), 4), y)

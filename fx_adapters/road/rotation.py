@@ -142,12 +142,16 @@ def road_rotate(y: torch.Tensor, table: torch.Tensor, slot_map: torch.Tensor, in
 
 def select_columns(table: torch.Tensor, slot_map: torch.Tensor, index: torch.Tensor | None,
                    group_size: int) -> PairColumns | None:
-    """The columns ``road_rotate`` applies for ``index`` (``None`` when adapters are disabled): a decode loop selects
-    them once per ``generate`` call (``rewrite.SelectColumnsAhead``)."""
+    """The columns ``road_rotate`` applies for ``index`` (``None`` when adapters are disabled, or when one adapter for
+    the batch does not adapt this layer: its row is 0, the identity): a decode loop selects them once per
+    ``generate`` call (``rewrite.SelectColumnsAhead``)."""
     if index is None:
         return None
     if index.dim() == 0 and not torch.compiler.is_compiling():
-        cols = table[int(slot_map[int(index)])]  # a view; inductor cannot trace the .item() this needs
+        row = int(slot_map[int(index)])  # inductor cannot trace the .item() this needs
+        if row == 0:
+            return None
+        cols = table[row]  # a view
     else:
         cols = table.index_select(0, slot_map.index_select(0, index.reshape(-1).to(slot_map.device)))
         cols = cols.squeeze(0) if index.dim() == 0 else cols.unsqueeze(1)
