@@ -43,17 +43,25 @@ from torch import nn
 
 from .capture import CaptureError
 from .capture_cache import CacheGraphs, cache_argument, capture_with_cache, is_causal_lm
-from .graph_module import copy_graph_module, outside_inference_mode, owned_copy, parameters_of, read_from
+from .graph_module import (
+    boxed,
+    copy_graph_module,
+    outside_inference_mode,
+    owned_copy,
+    parameters_of,
+    read_from,
+)
 from .match import output_head
 from .passes import LastPositionLogits, run_passes
 from .signature import bind_call
 
 __all__ = ["REFUSED", "GenerationSource", "Step", "StepLM", "attach", "base_step", "batch_size", "cache_tensors",
-           "cached_call_arguments", "forward_with_cache", "generate", "graph_step", "module_types", "past_or_empty",
-           "source_of", "store_cache"]
+           "cached_call_arguments", "call_boxed", "forward_with_cache", "generate", "graph_step", "module_types",
+           "past_or_empty", "source_of", "store_cache"]
 
 
-Step = Callable[[tuple, tuple], tuple[torch.Tensor, tuple]]  # (model inputs, cache or ()) -> (logits, new cache)
+Step = Callable[[tuple, list], tuple[torch.Tensor, tuple]]
+"""(model inputs, cache: a list, empty for a prompt, that the step empties) -> (logits, new cache)."""
 
 
 class GenerationSource:
@@ -138,19 +146,28 @@ def module_types(model: nn.Module) -> dict[str, type]:
 
 def base_step(module: nn.Module, source: GenerationSource) -> Step:
     """Steps of the model alone for ``generate`` (the last position's logits), reading ``module``'s tensors."""
-    graph = source.graphs("base", None, lambda s: read_from(s.last_logits_step(), module.graph_module))
+    graph = source.graphs("base", None, lambda s: boxed(read_from(s.last_logits_step(), module.graph_module)))
     return graph_step(graph, source.captured, ())
 
 
-def past_or_empty(cache: tuple, captured: CacheGraphs, inputs: tuple, caches: int = 1) -> tuple:
-    """``cache``, or for a prompt (``()``) ``caches`` empty caches of the batch of ``inputs``."""
-    return cache or captured.empty_cache(inputs[0].shape[0], inputs[0].device) * caches
+def past_or_empty(cache: list, captured: CacheGraphs, inputs: tuple, caches: int = 1) -> list:
+    """``cache``, or for a prompt (empty) ``caches`` empty caches of the batch of ``inputs``."""
+    return cache or list(captured.empty_cache(inputs[0].shape[0], inputs[0].device) * caches)
+
+
+def call_boxed(graph: torch.fx.GraphModule, cache: list, *inputs) -> tuple:
+    """``graph`` (``graph_module.boxed``) on ``inputs`` (flattened: tensors and sequences of them), emptying ``cache``
+    first: the graph then frees each past tensor after its last use, as the model frees its cache layer by layer,
+    instead of the whole past living until the step returns (memory, and fresh pages for the next cache)."""
+    args = [value for part in inputs for value in (part if isinstance(part, (list, tuple)) else (part,))]
+    cache.clear()
+    return graph(args)
 
 
 def graph_step(graph: torch.fx.GraphModule, captured: CacheGraphs, extra: tuple) -> Step:
-    """The step of a graph with ``captured``'s inputs and outputs, then ``extra`` inputs."""
-    def step(inputs: tuple, cache: tuple) -> tuple[torch.Tensor, tuple]:
-        logits, *cache = graph(*inputs, *past_or_empty(cache, captured, inputs), *extra)
+    """The step of a boxed graph with ``captured``'s inputs and outputs, then ``extra`` inputs."""
+    def step(inputs: tuple, cache: list) -> tuple[torch.Tensor, tuple]:
+        logits, *cache = call_boxed(graph, cache, inputs, past_or_empty(cache, captured, inputs), extra)
         return logits, tuple(cache)
     return step
 
@@ -211,15 +228,20 @@ class StepLM(nn.Module):
             position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
             position_ids = position_ids[:, -input_ids.shape[1]:]
         given = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        logits, flat = self.step(tuple(given[n] for n in self.input_names), cache_tensors(cache))
+        logits, flat = self.step(tuple(given[n] for n in self.input_names), cache_tensors(cache, take=True))
         return CausalLMOutputWithPast(logits=logits, cache=store_cache(flat, cache))
 
 
-def cache_tensors(cache) -> tuple[torch.Tensor, ...]:
-    """The keys and values of a ``DynamicCache`` (or None), flat: ``()`` when it holds no positions."""
+def cache_tensors(cache, take: bool = False) -> list[torch.Tensor]:
+    """The keys and values of a ``DynamicCache`` (or None), flat: ``[]`` when it holds no positions. ``take``: the
+    cache lets go of them (its layers are emptied until ``store_cache``), so that a step can free them early."""
     if cache is None or cache.get_seq_length() == 0:
-        return ()
-    return tuple(t for layer in cache.layers for t in (layer.keys, layer.values))
+        return []
+    flat = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    if take:
+        for layer in cache.layers:
+            layer.keys = layer.values = None
+    return flat
 
 
 def store_cache(flat: tuple, cache=None):
@@ -229,8 +251,8 @@ def store_cache(flat: tuple, cache=None):
     from transformers.cache_utils import DynamicLayer
 
     cache = DynamicCache() if cache is None else cache
-    if cache.get_seq_length() == 0:  # the layers generate's empty cache starts with may be of other kinds
-        cache.layers[:] = [DynamicLayer() for _ in range(len(flat) // 2)]
+    if len(cache.layers) != len(flat) // 2 or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        cache.layers[:] = [DynamicLayer() for _ in range(len(flat) // 2)]  # generate's empty cache may hold others
     for layer, keys, values in zip(cache.layers, flat[::2], flat[1::2]):
         layer.keys, layer.values, layer.is_initialized = keys, values, True
         layer.device, layer.dtype = keys.device, keys.dtype

@@ -1,5 +1,6 @@
 """GraphModule helpers every method shares: owned copies of a model, copies of a graph module that share its
-tensors, reading and assigning tensors by name, and graphs that read their tensors from another module.
+tensors, reading and assigning tensors by name, graphs that read their tensors from another module, and graphs called
+with one list of inputs that they empty (``boxed``).
 
 >>> import torch
 >>> from torch import nn
@@ -18,8 +19,8 @@ import functools
 import torch
 from torch import nn
 
-__all__ = ["SOURCE_ATTR", "assign_tensor", "attr_tensor", "copy_graph_module", "mark_non_persistent_buffers",
-           "outside_inference_mode", "owned_copy", "read_from", "tensor_at"]
+__all__ = ["SOURCE_ATTR", "BoxedCodeGen", "assign_tensor", "attr_tensor", "boxed", "copy_graph_module",
+           "mark_non_persistent_buffers", "outside_inference_mode", "owned_copy", "read_from", "tensor_at"]
 
 SOURCE_ATTR = "fxa_source"  # submodule name under which `read_from` graphs reach their source module
 
@@ -152,3 +153,27 @@ def read_from(gm: torch.fx.GraphModule, source: nn.Module) -> torch.fx.GraphModu
     module = torch.fx.GraphModule(attrs, graph, type(gm).__name__)
     module.add_module(SOURCE_ATTR, source)  # replaces the containers made for `fxa_source.…` targets
     return module
+
+
+class BoxedCodeGen(torch.fx.CodeGen):
+    """A graph's ``forward`` taking one list of its inputs, which it empties (torch's "boxed" calling convention, as
+    AOTAutograd's graphs): as the caller keeps no reference either, each input is freed after its last use in the
+    graph instead of after the call."""
+
+    def gen_fn_def(self, free_vars: list[str], maybe_return_annotation: str, **_) -> str:
+        names = [v.split(":")[0].split("=")[0].strip() for v in free_vars if v != "self"]
+        body = f"\n    {', '.join(names)}, = inputs\n    inputs.clear()" if names else ""
+        return f"def {self._func_name}(self, inputs){maybe_return_annotation}:{body}"
+
+
+def boxed(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm``, now called as ``gm([input, ...])`` with a list it empties (``BoxedCodeGen``).
+
+    >>> gm = boxed(torch.fx.symbolic_trace(lambda x, y: x + y))
+    >>> inputs = [torch.ones(2), torch.ones(2)]
+    >>> gm(inputs), inputs
+    (tensor([2., 2.]), [])
+    """
+    gm.graph.set_codegen(BoxedCodeGen())
+    gm.recompile()
+    return gm

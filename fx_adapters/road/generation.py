@@ -12,7 +12,7 @@ from operator import attrgetter
 import torch
 
 from ..graph import generation
-from ..graph.graph_module import read_from
+from ..graph.graph_module import boxed, read_from
 from .captures import road_rewrite
 from .rewrite import SelectColumnsAhead
 from .rotation import select_columns
@@ -28,11 +28,12 @@ def road_step(am, source: generation.GenerationSource, index: torch.Tensor | Non
 
     def built(s: generation.GenerationSource):
         captured = s.last_logits_step() if last_logits else s.captured.step
-        return _columns_ahead(read_from(build(captured, s.model), am.graph_module))
+        graph, reads = _columns_ahead(read_from(build(captured, s.model), am.graph_module))
+        return boxed(graph), reads
     graph, reads = source.graphs("road_generate" if last_logits else "road", sites, built)
     selected: dict[int, tuple] = {}  # batch size -> road_index and each rotation's columns
 
-    def step(inputs: tuple, cache: tuple) -> tuple[torch.Tensor, tuple]:
+    def step(inputs: tuple, cache: list) -> tuple[torch.Tensor, tuple]:
         batch = inputs[0].shape[0]
         if batch not in selected:
             rows = index

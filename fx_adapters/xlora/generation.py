@@ -27,7 +27,7 @@ import torch
 
 from ..graph import generation
 from ..graph.capture import CaptureError
-from ..graph.graph_module import copy_graph_module, read_from
+from ..graph.graph_module import boxed, copy_graph_module, read_from
 from ..graph.match import output_head
 from ..graph.passes import LastPositionLogits, run_passes
 from .passes import EXPERTS_ATTR
@@ -70,7 +70,7 @@ def _xlora_graph(xm, fixed_scalings: bool) -> Callable[[generation.GenerationSou
         head = output_head(source.model)
         if head not in targets:  # the classifier reads the head's input whole; experts on the head would too
             run_passes(gm, [LastPositionLogits(head, generation.module_types(source.model))])
-        return read_from(gm, xm.graph_module)
+        return boxed(read_from(gm, xm.graph_module))
     return build
 
 
@@ -90,9 +90,11 @@ def _token_step(xm, both, captured, extra: tuple) -> generation.Step:
     """Both passes every step. Cache: the real pass's, the scaling pass's, the scalings so far (twice)."""
     n = len(captured.cache_names)
 
-    def step(inputs: tuple, cache: tuple) -> tuple[torch.Tensor, tuple]:
-        logits, *out = both(*inputs, *generation.past_or_empty(cache[:2 * n], captured, inputs, caches=2), *extra)
-        scalings = torch.cat([cache[2 * n], out[n]], dim=1) if cache else out[n]
+    def step(inputs: tuple, cache: list) -> tuple[torch.Tensor, tuple]:
+        so_far = cache[2 * n] if cache else None
+        past = generation.past_or_empty(cache[:2 * n], captured, inputs, caches=2)
+        logits, *out = generation.call_boxed(both, cache, inputs, past, extra)
+        scalings = out[n] if so_far is None else torch.cat([so_far, out[n]], dim=1)
         xm.record_scalings(scalings)
         return logits, (*out[:n], *out[n + 1:], scalings, scalings)
     return step
@@ -104,13 +106,14 @@ def _prompt_step(xm, both, one_pass, captured, extra: tuple) -> generation.Step:
     (twice)."""
     n = len(captured.cache_names)
 
-    def step(inputs: tuple, cache: tuple) -> tuple[torch.Tensor, tuple]:
+    def step(inputs: tuple, cache: list) -> tuple[torch.Tensor, tuple]:
         if cache:
-            fixed = cache[n]
-            logits, *real = one_pass(*inputs, *cache[:n], fixed, *extra)
-            scalings = torch.cat([cache[n + 2], fixed], dim=1)
+            fixed, so_far = cache[n], cache[n + 2]
+            logits, *real = generation.call_boxed(one_pass, cache, inputs, cache[:n], fixed, extra)
+            scalings = torch.cat([so_far, fixed], dim=1)
         else:
-            logits, *out = both(*inputs, *generation.past_or_empty((), captured, inputs, caches=2), *extra)
+            past = generation.past_or_empty([], captured, inputs, caches=2)
+            logits, *out = generation.call_boxed(both, cache, inputs, past, extra)
             real, fixed, scalings = out[:n], out[n][:, -1:], out[n]
         xm.record_scalings(scalings)
         return logits, (*real, fixed, fixed, scalings, scalings)
