@@ -358,6 +358,40 @@ def test_disabled_xlora_generate_runs_the_matmuls_of_transformers_own_generate(x
     assert ours == generate_flops(xlora.model.generate)
 
 
+def test_road_decode_step_frees_each_layers_past_once_extended_as_the_model_does(road):
+    """The eager model drops layer 0's past keys as soon as it has concatenated the new ones; so must a step (its
+    graph is boxed, its cache list emptied), or every step's new cache takes fresh memory while the old one lives."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fx_adapters.graph import generation
+    from fx_adapters.road.generation import road_step
+
+    ids, mask = padded_batch()
+    source = generation.source_of(road.ours)
+    step = road_step(road.ours, source, road.ours.road_input(None, ids.shape[0]), last_logits=True)
+    given = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+    with torch.no_grad():
+        _, cache = step(tuple(given[n] for n in source.captured.input_names), [])
+    past = list(cache)
+    del cache
+    first_key, second_key = weakref.ref(past[0]), id(past[2])
+    seen = []
+
+    class WatchConcatenations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.cat.default and id(args[0][0]) == second_key:
+                seen.append(first_key() is None)  # layer 1 extends its past: is layer 0's gone?
+            return func(*args, **(kwargs or {}))
+
+    new = {"input_ids": ids[:, -1:], "attention_mask": torch.cat([mask, torch.ones_like(mask[:, :1])], -1),
+           "position_ids": given["position_ids"][:, -1:] + 1}
+    with torch.no_grad(), WatchConcatenations():
+        step(tuple(new[n] for n in source.captured.input_names), past)
+    assert seen == [True]
+
+
 # ----------------------------------------------------------------------------------- forward(use_cache=True)
 
 

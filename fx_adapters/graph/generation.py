@@ -5,7 +5,10 @@ The model a module was compiled from is captured once more, with its KV cache as
 (``capture_cache.py``): one step graph, run on the prompt with an empty past and on each new token. Each method
 rewrites it like the module's own graph (``road/generation.py``, ``xlora/generation.py``), reading the module's
 tensors, so it follows ``.to()``, ``load_state_dict``, merges and new adapters, and provides a *step* function over
-it: ``step(inputs, cache) -> (logits, cache)`` with flat tuples of tensors (``cache`` is ``()`` for the prompt).
+it: ``step(inputs, cache) -> (logits, cache)`` over flat tensors. The step graphs are ``boxed``: they take one list
+of inputs and empty it, and ``cache`` is a list the step empties (``[]`` for the prompt), so each past tensor is
+freed once the graph has extended it, as the model frees its own (``call_boxed``). ``generate``'s step graphs run
+the output head on the last position only (``last_logits_step``), as transformers has the model do.
 
 ``generate`` runs transformers' ``GenerationMixin.generate`` on ``StepLM``, a thin model whose ``forward`` calls the
 step and keeps the flat cache in a ``DynamicCache`` (two tensors per layer; a method may keep more, e.g. X-LoRA's two
@@ -93,8 +96,8 @@ class GenerationSource:
 
     def __deepcopy__(self, memo):
         new = GenerationSource(self.model, self.problem)
-        new.captured, new.last_logits = self.captured, self.last_logits  # read-only templates; built graphs would
-        # read the original module
+        # read-only templates (built graphs would read the original module)
+        new.captured, new.last_logits = self.captured, self.last_logits
         return new
 
     def last_logits_step(self) -> torch.fx.GraphModule:
@@ -156,11 +159,15 @@ def past_or_empty(cache: list, captured: CacheGraphs, inputs: tuple, caches: int
 
 
 def call_boxed(graph: torch.fx.GraphModule, cache: list, *inputs) -> tuple:
-    """``graph`` (``graph_module.boxed``) on ``inputs`` (flattened: tensors and sequences of them), emptying ``cache``
-    first: the graph then frees each past tensor after its last use, as the model frees its cache layer by layer,
-    instead of the whole past living until the step returns (memory, and fresh pages for the next cache)."""
+    """``graph`` (``graph_module.boxed``) on ``inputs`` (flattened: tensors, and tuples or lists of them), emptying
+    ``cache`` and every list among ``inputs`` first: with no other reference, the graph frees each past tensor after
+    its last use, as the model frees its cache layer by layer, instead of the whole past living until the step returns
+    (memory, and fresh pages for the next cache)."""
     args = [value for part in inputs for value in (part if isinstance(part, (list, tuple)) else (part,))]
     cache.clear()
+    for part in inputs:
+        if isinstance(part, list):
+            part.clear()
     return graph(args)
 
 
