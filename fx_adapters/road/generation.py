@@ -13,6 +13,7 @@ import torch
 
 from ..graph import generation
 from ..graph.graph_module import boxed, read_from
+from ..graph.passes import run_passes
 from .captures import road_rewrite
 from .rewrite import SelectColumnsAhead
 from .rotation import select_columns
@@ -31,23 +32,24 @@ def road_step(am, source: generation.GenerationSource, index: torch.Tensor | Non
         graph, reads = _columns_ahead(read_from(build(captured, s.model), am.graph_module))
         return boxed(graph), reads
     graph, reads = source.graphs("road_generate" if last_logits else "road", sites, built)
-    selected: dict[int, tuple] = {}  # batch size -> road_index and each rotation's columns
+    steps: dict[int, generation.Step] = {}  # batch size -> the graph's step with road_index and the columns
 
     def step(inputs: tuple, cache: list) -> tuple[torch.Tensor, tuple]:
         batch = inputs[0].shape[0]
-        if batch not in selected:
+        if batch not in steps:
             rows = index
             if index is not None and index.dim() == 1:
                 rows = index.repeat_interleave(batch // index.shape[0])
-            selected[batch] = (rows, *(select_columns(attrgetter(table)(graph), attrgetter(slot_map)(graph), rows,
-                                                      group_size) for table, slot_map, group_size in reads))
-        return generation.graph_step(graph, source.captured, selected[batch])(inputs, cache)
+            columns = (select_columns(attrgetter(table)(graph), attrgetter(slot_map)(graph), rows, group_size)
+                       for table, slot_map, group_size in reads)
+            steps[batch] = generation.graph_step(graph, source.captured, (rows, *columns))
+        return steps[batch](inputs, cache)
     return step
 
 
 def _columns_ahead(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, list[tuple[str, str, int]]]:
     ahead = SelectColumnsAhead()
-    return ahead(gm).graph_module, ahead.reads
+    return run_passes(gm, [ahead]).graph_module, ahead.reads
 
 
 def generate_road(am, *args, adapter_names: Sequence[str] | None = None, adapter_name: str | None = None,

@@ -188,7 +188,6 @@ class SelectColumnsAhead(PassBase):
                 if not read.users:
                     graph.erase_node(read)
             self.reads.append((table.target, slot_map.target, group_size))
-        graph_module.recompile()
         return PassResult(graph_module, bool(self.reads))
 
 

@@ -96,12 +96,13 @@ def rotate(y: torch.Tensor, cols: torch.Tensor, group_size: int, out: torch.Tens
     otherwise) and returned (``_rotate_pairs``). With autograd a differentiable expression is used and ``out`` is
     ignored.
     """
-    d, f = _pairs(cols.select(-2, 0), group_size), _pairs(cols.select(-2, 1), group_size)
+    d, f = _pair_columns(cols, group_size)
     pairs = _pairs(y, group_size)
     if _differentiable(pairs, d, f):
         return _rotate_pairs(pairs, d, f, None).flatten(-3)
     if out is None:
-        out = torch.empty(torch.broadcast_shapes(y.shape, cols.select(-2, 0).shape), dtype=y.dtype, device=y.device)
+        out = torch.empty(torch.broadcast_shapes(y.shape, cols.shape[:-2] + cols.shape[-1:]), dtype=y.dtype,
+                          device=y.device)
     _rotate_pairs(pairs, d, f, _pairs(out, group_size))
     return out
 
@@ -155,6 +156,11 @@ def select_columns(table: torch.Tensor, slot_map: torch.Tensor, index: torch.Ten
     else:
         cols = table.index_select(0, slot_map.index_select(0, index.reshape(-1).to(slot_map.device)))
         cols = cols.squeeze(0) if index.dim() == 0 else cols.unsqueeze(1)
+    return _pair_columns(cols, group_size)
+
+
+def _pair_columns(cols: torch.Tensor, group_size: int) -> PairColumns:
+    """``d`` and ``f`` of columns ``(..., 2, out)`` as ``(..., groups, 2, half)`` views."""
     return _pairs(cols.select(-2, 0), group_size), _pairs(cols.select(-2, 1), group_size)
 
 
