@@ -20,7 +20,7 @@ from conftest import build_hf, token_batch
 import fx_adapters as fxa
 from fx_adapters.cli import main as cli_main
 from fx_adapters.figures import MissingDependency
-from fx_adapters.graph.capture import capture
+from fx_adapters.graph.forward_from_step import capture_model
 from fx_adapters.road.draw import AFTER, BEFORE, layer_views
 from fx_adapters.road.rotation import road_rotate
 
@@ -48,7 +48,7 @@ def described(node: torch.fx.Node) -> tuple:
 
 def test_before_is_the_captured_graph_and_after_adds_the_rotation_its_table_slot_map_and_index(model, am):
     views = layer_views(am.graph_module, am.targets, LAYER)
-    fresh = {n.name: n for n in capture(model).graph_module.graph.nodes}  # the model's graph, never rewritten
+    fresh = {n.name: n for n in capture_model(model)[0].graph_module.graph.nodes}  # never rewritten
     before = [n for n in views[BEFORE].graph.nodes if n.op in ("call_function", "get_attr")]
     assert [n.target for n in before if n.op == "call_function"].count(torch.ops.aten.linear.default) == 1
     for node in before:

@@ -491,27 +491,29 @@ def test_xlora_forward_with_use_cache_raises_a_capture_error_pointing_to_generat
 # ------------------------------------------------------------------------------------------------ captures
 
 
-def test_generate_after_forward_exports_one_graph_and_use_cache_forward_reuses_it(monkeypatch):
-    """The prompt and the decode steps share one cached step graph: generate's cold start is one capture; neither a
-    second generate, nor forward with use_cache=True, nor X-LoRA's prompt-scalings mode captures again."""
+def test_compile_exports_one_graph_that_forward_generate_and_use_cache_forward_all_reuse(monkeypatch):
+    """A causal LM is exported once, at compile, as its cached step graph (``forward_from_step``): its forward is
+    derived from it, and the prompt and the decode steps share it. Neither forward, generate (greedy or beam), forward
+    with use_cache=True, nor X-LoRA's prompt-scalings mode exports again."""
     exports = []
     real_export = torch.export.export
     monkeypatch.setattr(torch.export, "export", lambda *a, **k: exports.append(1) or real_export(*a, **k))
     model = build_hf("llama")
     ids, mask = padded_batch()
     am = fxa.compile_with_road(model, fxa.RoadConfig(group_size=8, target_modules=["q_proj"], init_weights=False))
-    am(input_ids=ids, attention_mask=mask)
     assert len(exports) == 1
+    am(input_ids=ids, attention_mask=mask)
     am.generate(ids, attention_mask=mask, max_new_tokens=3)
     am.generate(ids, attention_mask=mask, max_new_tokens=3, num_beams=2)
     with torch.no_grad():
         am(input_ids=ids[:, :1], use_cache=True)
-    assert len(exports) == 2
+    assert len(exports) == 1
     xm = fxa.compile_with_xlora(model, fxa.XLoraConfig(adapters={"e0": expert(model, 0), "e1": expert(model, 1)},
                                                        xlora_size=16))
+    xm(input_ids=ids, attention_mask=mask)
     xm.generate(ids, attention_mask=mask, max_new_tokens=3)
     xm.generate(ids, attention_mask=mask, max_new_tokens=3, decode_scalings="prompt")
-    assert len(exports) == 4
+    assert len(exports) == 2
 
 
 def expert(model, seed: int, r: int = 2):

@@ -390,7 +390,7 @@ def test_missing_expert_dir_is_refused_before_the_model_is_captured(tmp_path, mo
     def no_capture(*args, **kwargs):
         raise AssertionError("captured before the experts were checked")
 
-    monkeypatch.setattr(xlora_model, "capture", no_capture)
+    monkeypatch.setattr(xlora_model, "capture_model", no_capture)
     with pytest.raises(FileNotFoundError, match="'math'.*not a directory"):
         fxa.compile_with_xlora(build_hf("llama"), fxa.XLoraConfig(adapters={"math": tmp_path / "missing"}))
 

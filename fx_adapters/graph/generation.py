@@ -125,10 +125,12 @@ class GenerationSource:
 _ATTACH = "call fx_adapters.graph.generation.attach(module, model) with that model"
 
 
-def attach(module: nn.Module, model: nn.Module) -> None:
-    """Remember ``model`` (structurally copied) as the model ``module`` was compiled from, for ``generate``."""
+def attach(module: nn.Module, model: nn.Module, captured: CacheGraphs | None = None) -> None:
+    """Remember ``model`` (structurally copied) as the model ``module`` was compiled from, for ``generate``, with its
+    step graph when compiling ``captured`` it (``forward_from_step.capture_model``)."""
     if is_causal_lm(model):
         module._fxa_generation = GenerationSource(owned_copy(model).eval())
+        module._fxa_generation.captured = captured
     else:
         module._fxa_generation = GenerationSource(None, f"it was compiled from a {type(model).__name__}, not a "
                                                         "transformers "

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from ..graph import generation
-from ..graph.capture import CapturedModel, capture
+from ..graph.capture import CapturedModel
 from ..graph.captures import Captures
+from ..graph.forward_from_step import capture_model
 from ..graph.graph_module import outside_inference_mode
 from ..graph.match import FindLinearLayers, Target, output_head
 from ..graph.passes import run_passes
@@ -350,13 +351,13 @@ def compile_with_road(model: nn.Module, config: RoadConfig, example_inputs: tupl
     """Capture ``model`` as a graph and add the RoAd adapter ``adapter_name``; ``model`` is not modified."""
     if not isinstance(config, RoadConfig):
         raise TypeError(f"compile_with_road: config must be a fx_adapters.RoadConfig, got {type(config).__name__}")
-    captured = capture(model, example_inputs=example_inputs, example_kwargs=example_kwargs)
+    captured, step_graph = capture_model(model, example_inputs, example_kwargs)
     finder = FindLinearLayers({name: type(m) for name, m in model.named_modules()})
     finder(captured.graph_module)
     model_config = getattr(model, "config", None)
     am = AdaptedModule(captured, finder.layers, model_type=getattr(model_config, "model_type", None),
                        output_head=output_head(model), name_or_path=getattr(model_config, "_name_or_path", None))
     am.add_adapter(adapter_name, config)
-    generation.attach(am, model)
+    generation.attach(am, model, step_graph)
     am.captures, am.forward = Captures.of(captured, model), SignedForward(am, model, ("adapter_names",))
     return am.train(model.training)

@@ -32,8 +32,10 @@ import torch
 from torch import nn
 
 from ..graph import generation
-from ..graph.capture import CapturedModel, capture
+from ..graph.capture import CapturedModel
+from ..graph.capture_cache import CacheGraphs
 from ..graph.captures import Captures
+from ..graph.forward_from_step import capture_model
 from ..graph.graph_module import mark_non_persistent_buffers, outside_inference_mode
 from ..graph.match import Target, layer_key
 from ..graph.signature import CallSignature, SignedForward
@@ -231,10 +233,11 @@ def _read_experts(config: XLoraConfig) -> list[LoraExpert]:
     return [read_lora_expert(name, value) for name, value in config.adapters.items()]
 
 
-def _build(model: nn.Module, captured: CapturedModel, config: XLoraConfig, experts: Sequence[LoraExpert]
-           ) -> XLoraModule:
+def _build(model: nn.Module, captured: CapturedModel, config: XLoraConfig, experts: Sequence[LoraExpert],
+           step_graph: CacheGraphs | None = None) -> XLoraModule:
     """The X-LoRA module, for every entry point: experts checked against the captured layers, the classifier, the
-    stacked experts, ``pipeline.apply_xlora`` on a copy of the captured graph (as on every other capture)."""
+    stacked experts, ``pipeline.apply_xlora`` on a copy of the captured graph (as on every other capture); the model's
+    ``step_graph`` for generate when the capture made it."""
     config = copy.copy(config)
     modules = dict(model.named_modules())
     linear, layers = adaptable_layers(captured.graph_module, model)
@@ -261,7 +264,7 @@ def _build(model: nn.Module, captured: CapturedModel, config: XLoraConfig, exper
     mark_non_persistent_buffers(gm, source)
     apply_xlora(gm, model, classifier, {layer_key(t.name): stacked[t] for t in targets}, [t.name for t in targets])
     xm = XLoraModule(captured, gm, tuple(config.adapters), targets, config)
-    generation.attach(xm, model)
+    generation.attach(xm, model, step_graph)
     xm.captures, xm.forward = Captures.of(captured, model), SignedForward(xm, model)
     return xm.train(model.training)
 
@@ -272,5 +275,5 @@ def compile_with_xlora(model: nn.Module, config: XLoraConfig, example_inputs: tu
     """Read ``config``'s experts (errors name the expert, before any capture), capture ``model`` and build its
     X-LoRA graph; ``model`` is not modified."""
     experts = _read_experts(_checked(config, "compile_with_xlora"))
-    captured = capture(model, example_inputs=example_inputs, example_kwargs=example_kwargs)
-    return _build(model, captured, config, experts)
+    captured, step_graph = capture_model(model, example_inputs, example_kwargs)
+    return _build(model, captured, config, experts, step_graph)
