@@ -73,7 +73,12 @@ def test_in_place_fresh_and_differentiable_paths_equal_peft_apply_road(variant, 
     assert rotate(buffer, cols, group_size, out=buffer) is buffer  # written into y itself
     fresh = torch.empty_like(y)
     assert rotate(y, cols, group_size, out=fresh) is fresh
-    for got in (buffer, fresh, rotate(y, cols, group_size), rotate(y.clone().requires_grad_(), cols, group_size)):
+    table, slot_map = torch.stack((identity_columns(out), cols)), torch.tensor([0, 1])
+    layer_output = y.clone()
+    with torch.no_grad():  # the graph op's path: the layer's fresh output rotated in place
+        selected = road_rotate(layer_output, table, slot_map, torch.tensor(1), group_size)
+    for got in (buffer, fresh, rotate(y, cols, group_size), rotate(y.clone().requires_grad_(), cols, group_size),
+                selected):
         torch.testing.assert_close(got.detach(), expected, atol=1e-6, rtol=1e-6)
 
 

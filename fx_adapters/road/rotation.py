@@ -93,8 +93,8 @@ def rotate(y: torch.Tensor, cols: torch.Tensor, group_size: int, out: torch.Tens
     """Apply the transform to the last dim of ``y``; ``cols`` is ``(..., 2, out)`` and broadcasts against ``y``.
 
     Without autograd the result is written into ``out`` (``y`` itself for an in-place rotation; a fresh tensor
-    otherwise) and returned (``_rotate_pairs``). With autograd a differentiable expression is used and ``out`` is
-    ignored.
+    otherwise) and returned, half by half with one half-size temporary (what fold needs for a layer's weight; PEFT's
+    rounding, as ``_rotate_pairs``). With autograd a differentiable expression is used and ``out`` is ignored.
     """
     d, f = _pair_columns(cols, group_size)
     pairs = _pairs(y, group_size)
@@ -103,7 +103,13 @@ def rotate(y: torch.Tensor, cols: torch.Tensor, group_size: int, out: torch.Tens
     if out is None:
         out = torch.empty(torch.broadcast_shapes(y.shape, cols.shape[:-2] + cols.shape[-1:]), dtype=y.dtype,
                           device=y.device)
-    _rotate_pairs(pairs, d, f, _pairs(out, group_size))
+    (y0, y1), (o0, o1) = pairs.unbind(-2), _pairs(out, group_size).unbind(-2)
+    (d0, d1), (f0, f1) = d.unbind(-2), f.unbind(-2)
+    first = y0.clone() if out.untyped_storage().data_ptr() == y.untyped_storage().data_ptr() else y0  # o0 may be y0
+    scratch = torch.mul(y1, f0)  # one half-size temporary: a weight's full-size ones cost fresh pages per fold
+    torch.mul(y0, d0, out=o0).add_(scratch)
+    torch.mul(first, f1, out=scratch)
+    torch.mul(y1, d1, out=o1).add_(scratch)
     return out
 
 
