@@ -124,7 +124,7 @@ def _rotate_pairs(pairs: torch.Tensor, d: torch.Tensor, f: torch.Tensor, out: to
     decode step's tiny tensors make each op's dispatch cost count); with ``out`` None, a differentiable expression."""
     if out is None:
         return pairs * d + pairs.flip(-2) * f
-    partners = pairs.flip(-2) * f
+    partners = pairs.flip(-2).mul_(f)  # the flip is a copy
     return torch.mul(pairs, d, out=out).add_(partners)
 
 
@@ -177,8 +177,11 @@ def rotate_selected(y: torch.Tensor, columns: PairColumns | None) -> torch.Tenso
     if columns is None:
         return y
     d, f = columns
-    x = y if y.dtype == d.dtype else y.to(d.dtype)  # a decode step's no-op calls cost more than its math
+    x = (y if y.dtype == d.dtype else y.to(d.dtype)).contiguous()  # a decode step's no-op calls cost more than its math
     lead = (d.shape[0], -1) if d.dim() == 5 else x.shape[:-1]
-    pairs = x.reshape(*lead, d.shape[-3], 2, d.shape[-1])
-    rotated = _rotate_pairs(pairs, d, f, None if _differentiable(pairs, d, f) else pairs).reshape(y.shape)
-    return rotated if rotated.dtype == y.dtype else rotated.to(y.dtype)
+    pairs = x.view(*lead, d.shape[-3], 2, d.shape[-1])
+    if _differentiable(pairs, d, f):
+        x = _rotate_pairs(pairs, d, f, None).view(y.shape)
+    else:
+        _rotate_pairs(pairs, d, f, pairs)  # into x
+    return x if x.dtype == y.dtype else x.to(y.dtype)
