@@ -392,6 +392,62 @@ def test_road_decode_step_frees_each_layers_past_once_extended_as_the_model_does
     assert seen == [True]
 
 
+def attention_masks_of_decode_steps(call, layers: int) -> list[bool]:
+    """Whether each attention of ``call``'s decode steps (after the prompt's ``layers`` attentions) was given a mask,
+    as the dispatcher sees it (SDPA takes query, key, value and maybe a mask as tensors)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class WatchAttention(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if "scaled_dot_product" in func.__name__:
+                seen.append(sum(isinstance(a, torch.Tensor) for a in (*args, *kwargs.values())) > 3)
+            return func(*args, **kwargs)
+
+    with torch.no_grad(), WatchAttention():
+        call()
+    return seen[layers:]
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+def test_decode_steps_attend_with_a_mask_exactly_where_transformers_does_and_give_peft_logits(road, padded):
+    """transformers skips the attention mask of a decode step when no row is padded; so do our steps (the graph's
+    ``unmasked_twin``), with PEFT's logits at every step either way."""
+    ids, mask = padded_batch() if padded else (token_batch(3, 7)[0], None)
+    options = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, output_logits=True,
+                   return_dict_in_generate=True)
+    ours = road.ours.generate(ids, **options)
+    with torch.no_grad():
+        theirs = road.peft.generate(input_ids=ids, **options)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for got, want in zip(ours.logits, theirs.logits, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    layers = road.model.config.num_hidden_layers
+    masked = attention_masks_of_decode_steps(lambda: road.ours.generate(ids, **options), layers)
+    assert masked == attention_masks_of_decode_steps(lambda: road.peft.generate(input_ids=ids, **options), layers)
+    assert masked and all(masked) == padded and any(masked) == padded
+    with road.ours.disable_adapters():  # the base model's steps too
+        masked = attention_masks_of_decode_steps(lambda: road.ours.generate(ids, **options), layers)
+    assert masked == attention_masks_of_decode_steps(lambda: road.model.generate(input_ids=ids, **options), layers)
+
+
+def test_a_model_with_a_sliding_window_keeps_its_decode_mask():
+    from fx_adapters.graph.generation import attends_to_whole_past
+
+    assert attends_to_whole_past(build_hf("llama")) and attends_to_whole_past(build_hf("qwen2"))
+    mistral = build_hf("mistral", sliding_window=4)
+    assert not attends_to_whole_past(mistral)
+    am = fxa.compile_with_road(mistral, fxa.RoadConfig(group_size=8, target_modules=["q_proj"], init_weights=False))
+    ids = token_batch(2, 3)[0]  # the window slides within the 6 new tokens
+    options = dict(max_new_tokens=6, do_sample=False)
+    masked = attention_masks_of_decode_steps(lambda: am.generate(ids, **options), mistral.config.num_hidden_layers)
+    assert masked and all(masked)
+    with am.disable_adapters():
+        assert torch.equal(am.generate(ids, **options), mistral.generate(ids, **options))
+
+
 # ----------------------------------------------------------------------------------- forward(use_cache=True)
 
 

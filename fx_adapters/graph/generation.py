@@ -55,12 +55,12 @@ from .graph_module import (
     read_from,
 )
 from .match import output_head
-from .passes import LastPositionLogits, run_passes
+from .passes import LastPositionLogits, UnmaskedAttention, run_passes
 from .signature import bind_call
 
-__all__ = ["REFUSED", "GenerationSource", "Step", "StepLM", "attach", "base_step", "batch_size", "cache_tensors",
-           "cached_call_arguments", "call_boxed", "forward_with_cache", "generate", "graph_step", "module_types",
-           "past_or_empty", "source_of", "store_cache"]
+__all__ = ["REFUSED", "GenerationSource", "Step", "StepLM", "attach", "attends_to_whole_past", "base_step",
+           "batch_size", "cache_tensors", "cached_call_arguments", "call_boxed", "forward_with_cache", "generate",
+           "graph_step", "module_types", "needs_no_mask", "past_or_empty", "source_of", "store_cache", "unmasked_twin"]
 
 
 Step = Callable[[tuple, list], tuple[torch.Tensor, tuple]]
@@ -151,8 +151,39 @@ def module_types(model: nn.Module) -> dict[str, type]:
 
 def base_step(module: nn.Module, source: GenerationSource) -> Step:
     """Steps of the model alone for ``generate`` (the last position's logits), reading ``module``'s tensors."""
-    graph = source.graphs("base", None, lambda s: boxed(read_from(s.last_logits_step(), module.graph_module)))
-    return graph_step(graph, source.captured, ())
+    def build(s: GenerationSource) -> tuple:
+        graph = read_from(s.last_logits_step(), module.graph_module)
+        unmasked = unmasked_twin(graph, module.graph_module, s.model)
+        return boxed(graph), unmasked and boxed(unmasked)
+    graph, unmasked = source.graphs("base", None, build)
+    return graph_step(graph, source.captured, (), unmasked)
+
+
+def attends_to_whole_past(model: nn.Module) -> bool:
+    """Whether every layer of ``model`` attends to every earlier position (its config names no sliding window, and
+    ``layer_types``, where given, are all full attention)."""
+    config = model.config.get_text_config()
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return all(kind == "full_attention" for kind in types)
+    return getattr(config, "sliding_window", None) is None and getattr(config, "attention_chunk_size", None) is None
+
+
+def unmasked_twin(graph: torch.fx.GraphModule, source: nn.Module, model: nn.Module) -> torch.fx.GraphModule | None:
+    """A copy of ``graph`` (a step graph reading ``source``'s tensors, ``read_from``; before ``boxed``) whose
+    attention reads no mask (``passes.UnmaskedAttention``), for the decode steps ``needs_no_mask`` picks, as
+    transformers skips the mask in them; None when ``model`` has layers that do not attend to the whole past or the
+    pass does not apply."""
+    if not attends_to_whole_past(model):
+        return None
+    twin = read_from(graph, source)  # a copy, still reading source's tensors
+    return twin if run_passes(twin, [UnmaskedAttention()]).modified else None
+
+
+def needs_no_mask(inputs: tuple) -> bool:
+    """Whether a step's inputs (``input_ids``, ``attention_mask``, …) are one new token per row with an all-ones
+    ``attention_mask``: then every position attends to the whole past, and no mask is needed."""
+    return inputs[0].shape[1] == 1 and bool(inputs[1].all())
 
 
 def past_or_empty(cache: list, captured: CacheGraphs, inputs: tuple, caches: int = 1) -> list:
@@ -173,10 +204,13 @@ def call_boxed(graph: torch.fx.GraphModule, cache: list, *inputs) -> tuple:
     return graph(args)
 
 
-def graph_step(graph: torch.fx.GraphModule, captured: CacheGraphs, extra: tuple) -> Step:
-    """The step of a boxed graph with ``captured``'s inputs and outputs, then ``extra`` inputs."""
+def graph_step(graph: torch.fx.GraphModule, captured: CacheGraphs, extra: tuple,
+               unmasked: torch.fx.GraphModule | None = None) -> Step:
+    """The step of a boxed graph with ``captured``'s inputs and outputs, then ``extra`` inputs; its ``unmasked_twin``
+    (boxed too), if given, runs the steps that ``needs_no_mask``."""
     def step(inputs: tuple, cache: list) -> tuple[torch.Tensor, tuple]:
-        logits, *cache = call_boxed(graph, cache, inputs, past_or_empty(cache, captured, inputs), extra)
+        run = unmasked if unmasked is not None and needs_no_mask(inputs) else graph
+        logits, *cache = call_boxed(run, cache, inputs, past_or_empty(cache, captured, inputs), extra)
         return logits, tuple(cache)
     return step
 

@@ -4,8 +4,9 @@ Each pass takes a ``torch.fx.GraphModule`` and returns ``PassResult(graph_module
 ``run_passes`` runs them with ``torch.fx``'s PassManager, which recompiles after each pass, lints the graph
 and names the pass that failed. ``RebuildOutput`` makes a graph that returns flat leaves return the model's own
 output (for ``fold``), ``PlainOutput`` turns that into built-in containers (for ``.pt2`` files), and
-``DefaultAttentionMask`` makes ``attention_mask`` optional, as transformers models have it, and
-``LastPositionLogits`` makes a step graph's output head read the last position only (for ``generate``).
+``DefaultAttentionMask`` makes ``attention_mask`` optional, as transformers models have it,
+``LastPositionLogits`` makes a step graph's output head read the last position only and ``UnmaskedAttention`` its
+attention read no mask (both for ``generate``).
 
 >>> import torch
 >>> from torch import nn
@@ -196,4 +197,42 @@ class LastPositionLogits(PassBase):
             with graph.inserting_before(node):
                 last = graph.call_function(torch.ops.aten.slice.Tensor, (hidden, 1, -1, sys.maxsize))
             node.replace_input_with(hidden, last)
+        return PassResult(graph_module, True)
+
+
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+
+class UnmaskedAttention(PassBase):
+    """Make every attention (``aten.scaled_dot_product_attention``) of a step graph read no mask, for the decode steps
+    in which the mask it builds is all True: one new token per row, at the last position, with an all-ones
+    ``attention_mask``, in a model whose layers all attend to the whole past (no sliding window or chunks, which the
+    caller checks). transformers has SDPA skip the mask in that case too; the ops building it are gone::
+
+        mask = … ops on attention_mask …
+        out = call_function[aten.scaled_dot_product_attention](q, k, v, mask, scale=s)
+
+    becomes::
+
+        out = call_function[aten.scaled_dot_product_attention](q, k, v, None, scale=s)
+
+    A graph with no attention, or one whose mask is not boolean (a float mask may carry a position bias) or that is
+    causal by flag, is left alone (``modified`` is False).
+    """
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        graph = graph_module.graph
+        attentions = list(graph.find_nodes(op="call_function", target=SDPA))
+        masks = [node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask") for node in attentions]
+        boolean = all(isinstance(mask, torch.fx.Node) and getattr(mask.meta.get("val"), "dtype", None) == torch.bool
+                      for mask in masks)
+        causal = any(node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False) for node in attentions)
+        if not attentions or not boolean or causal:
+            return PassResult(graph_module, False)
+        for node in attentions:
+            if len(node.args) > 3:
+                node.args = (*node.args[:3], None, *node.args[4:])
+            else:
+                node.kwargs = {**node.kwargs, "attn_mask": None}
+        graph.eliminate_dead_code()
         return PassResult(graph_module, True)

@@ -22,16 +22,18 @@ from .rotation import select_columns
 def road_step(am, source: generation.GenerationSource, index: torch.Tensor | None, last_logits: bool = False
               ) -> generation.Step:
     """The step of ``am``'s adapters, ``index`` its ``road_input`` (one adapter per prompt: repeated for beams and
-    returned sequences), with the logits of the last position only if ``last_logits`` (for ``generate``). Each
-    rotation's columns are selected once per call and batch size (``rewrite.SelectColumnsAhead``), not at every step.
+    returned sequences), with the logits of the last position only if ``last_logits`` (for ``generate``, which also
+    runs the decode steps of unpadded rows with no attention mask: ``generation.unmasked_twin``). Each rotation's
+    columns are selected once per call and batch size (``rewrite.SelectColumnsAhead``), not at every step.
     """
     sites, build = road_rewrite(am.graph_module)
 
     def built(s: generation.GenerationSource):
         captured = s.last_logits_step() if last_logits else s.captured.step
         graph, reads = _columns_ahead(read_from(build(captured, s.model), am.graph_module))
-        return boxed(graph), reads
-    graph, reads = source.graphs("road_generate" if last_logits else "road", sites, built)
+        unmasked = generation.unmasked_twin(graph, am.graph_module, s.model) if last_logits else None
+        return boxed(graph), reads, unmasked and boxed(unmasked)
+    graph, reads, unmasked = source.graphs("road_generate" if last_logits else "road", sites, built)
     steps: dict[int, generation.Step] = {}  # batch size -> the graph's step with road_index and the columns
 
     def step(inputs: tuple, cache: list) -> tuple[torch.Tensor, tuple]:
@@ -42,7 +44,7 @@ def road_step(am, source: generation.GenerationSource, index: torch.Tensor | Non
                 rows = index.repeat_interleave(batch // index.shape[0])
             columns = (select_columns(attrgetter(table)(graph), attrgetter(slot_map)(graph), rows, group_size)
                        for table, slot_map, group_size in reads)
-            steps[batch] = generation.graph_step(graph, source.captured, (rows, *columns))
+            steps[batch] = generation.graph_step(graph, source.captured, (rows, *columns), unmasked)
         return steps[batch](inputs, cache)
     return step
 
