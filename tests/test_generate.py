@@ -8,6 +8,7 @@ gives PEFT's logits and a cache to feed back); the fixtures are per module and a
 from __future__ import annotations
 
 import copy
+import functools
 import pickle
 from types import SimpleNamespace
 
@@ -431,6 +432,21 @@ def test_decode_steps_attend_with_a_mask_exactly_where_transformers_does_and_giv
     with road.ours.disable_adapters():  # the base model's steps too
         masked = attention_masks_of_decode_steps(lambda: road.ours.generate(ids, **options), layers)
     assert masked == attention_masks_of_decode_steps(lambda: road.model.generate(input_ids=ids, **options), layers)
+
+
+@pytest.mark.parametrize("decode_scalings", ["token", "prompt"])
+def test_xlora_decode_steps_attend_with_a_mask_only_for_padded_rows_and_give_peft_tokens(xlora, decode_scalings):
+    """Both passes' attentions, as transformers' model would run them step by step (PEFT's X-LoRA re-runs the whole
+    sequence, so only its tokens compare); the exact mode's tokens equal PEFT's either way."""
+    layers = 2 * xlora.model.config.num_hidden_layers  # the prompt's two passes
+    for ids, mask in (token_batch(2, 6), padded_batch()):
+        padded = not bool(mask.all())
+        options = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, decode_scalings=decode_scalings)
+        masked = attention_masks_of_decode_steps(functools.partial(xlora.ours.generate, ids, **options), layers)
+        assert masked and all(masked) == padded and any(masked) == padded
+        if decode_scalings == "token":
+            expected = peft_generate(xlora.peft, ids, mask)[:, :ids.shape[1] + 4]
+            assert torch.equal(xlora.ours.generate(ids, **options), expected)
 
 
 def test_a_model_with_a_sliding_window_keeps_its_decode_mask():

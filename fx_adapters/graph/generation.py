@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -58,9 +59,10 @@ from .match import output_head
 from .passes import LastPositionLogits, UnmaskedAttention, run_passes
 from .signature import bind_call
 
-__all__ = ["REFUSED", "GenerationSource", "Step", "StepLM", "attach", "attends_to_whole_past", "base_step",
-           "batch_size", "cache_tensors", "cached_call_arguments", "call_boxed", "forward_with_cache", "generate",
-           "graph_step", "module_types", "needs_no_mask", "past_or_empty", "source_of", "store_cache", "unmasked_twin"]
+__all__ = ["REFUSED", "GenerationSource", "Step", "StepGraphs", "StepLM", "attach", "attends_to_whole_past",
+           "base_step", "batch_size", "cache_tensors", "cached_call_arguments", "call_boxed", "forward_with_cache",
+           "generate", "graph_step", "module_types", "needs_no_mask", "past_or_empty", "source_of", "store_cache",
+           "unmasked_twin"]
 
 
 Step = Callable[[tuple, list], tuple[torch.Tensor, tuple]]
@@ -151,12 +153,28 @@ def module_types(model: nn.Module) -> dict[str, type]:
 
 def base_step(module: nn.Module, source: GenerationSource) -> Step:
     """Steps of the model alone for ``generate`` (the last position's logits), reading ``module``'s tensors."""
-    def build(s: GenerationSource) -> tuple:
-        graph = read_from(s.last_logits_step(), module.graph_module)
-        unmasked = unmasked_twin(graph, module.graph_module, s.model)
-        return boxed(graph), unmasked and boxed(unmasked)
-    graph, unmasked = source.graphs("base", None, build)
-    return graph_step(graph, source.captured, (), unmasked)
+    graphs = source.graphs("base", None, lambda s: StepGraphs.of(read_from(s.last_logits_step(), module.graph_module),
+                                                                  module.graph_module, s.model))
+    return graph_step(graphs, source.captured, ())
+
+
+@dataclass(frozen=True)
+class StepGraphs:
+    """A boxed step graph, and its boxed ``unmasked_twin`` (None where there is none), which runs the steps that
+    ``needs_no_mask``."""
+
+    graph: torch.fx.GraphModule
+    unmasked: torch.fx.GraphModule | None = None
+
+    @classmethod
+    def of(cls, graph: torch.fx.GraphModule, source: nn.Module, model: nn.Module | None) -> StepGraphs:
+        """``graph`` (reading ``source``'s tensors, ``read_from``) and, given the ``model``, its unmasked twin."""
+        twin = None if model is None else unmasked_twin(graph, source, model)
+        return cls(boxed(graph), None if twin is None else boxed(twin))
+
+    def for_inputs(self, inputs: tuple) -> torch.fx.GraphModule:
+        """The graph that runs a step with ``inputs`` (``input_ids``, ``attention_mask``, …)."""
+        return self.unmasked if self.unmasked is not None and needs_no_mask(inputs) else self.graph
 
 
 def attends_to_whole_past(model: nn.Module) -> bool:
@@ -204,13 +222,11 @@ def call_boxed(graph: torch.fx.GraphModule, cache: list, *inputs) -> tuple:
     return graph(args)
 
 
-def graph_step(graph: torch.fx.GraphModule, captured: CacheGraphs, extra: tuple,
-               unmasked: torch.fx.GraphModule | None = None) -> Step:
-    """The step of a boxed graph with ``captured``'s inputs and outputs, then ``extra`` inputs; its ``unmasked_twin``
-    (boxed too), if given, runs the steps that ``needs_no_mask``."""
+def graph_step(graphs: StepGraphs, captured: CacheGraphs, extra: tuple) -> Step:
+    """The step of ``graphs`` with ``captured``'s inputs and outputs, then ``extra`` inputs."""
     def step(inputs: tuple, cache: list) -> tuple[torch.Tensor, tuple]:
-        run = unmasked if unmasked is not None and needs_no_mask(inputs) else graph
-        logits, *cache = call_boxed(run, cache, inputs, past_or_empty(cache, captured, inputs), extra)
+        graph = graphs.for_inputs(inputs)
+        logits, *cache = call_boxed(graph, cache, inputs, past_or_empty(cache, captured, inputs), extra)
         return logits, tuple(cache)
     return step
 

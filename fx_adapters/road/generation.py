@@ -12,7 +12,7 @@ from operator import attrgetter
 import torch
 
 from ..graph import generation
-from ..graph.graph_module import boxed, read_from
+from ..graph.graph_module import read_from
 from ..graph.passes import run_passes
 from .captures import road_rewrite
 from .rewrite import SelectColumnsAhead
@@ -31,9 +31,8 @@ def road_step(am, source: generation.GenerationSource, index: torch.Tensor | Non
     def built(s: generation.GenerationSource):
         captured = s.last_logits_step() if last_logits else s.captured.step
         graph, reads = _columns_ahead(read_from(build(captured, s.model), am.graph_module))
-        unmasked = generation.unmasked_twin(graph, am.graph_module, s.model) if last_logits else None
-        return boxed(graph), reads, unmasked and boxed(unmasked)
-    graph, reads, unmasked = source.graphs("road_generate" if last_logits else "road", sites, built)
+        return generation.StepGraphs.of(graph, am.graph_module, s.model if last_logits else None), reads
+    graphs, reads = source.graphs("road_generate" if last_logits else "road", sites, built)
     steps: dict[int, generation.Step] = {}  # batch size -> the graph's step with road_index and the columns
 
     def step(inputs: tuple, cache: list) -> tuple[torch.Tensor, tuple]:
@@ -42,9 +41,10 @@ def road_step(am, source: generation.GenerationSource, index: torch.Tensor | Non
             rows = index
             if index is not None and index.dim() == 1:
                 rows = index.repeat_interleave(batch // index.shape[0])
-            columns = (select_columns(attrgetter(table)(graph), attrgetter(slot_map)(graph), rows, group_size)
+            tables = graphs.graph  # the twin reads the same tables
+            columns = (select_columns(attrgetter(table)(tables), attrgetter(slot_map)(tables), rows, group_size)
                        for table, slot_map, group_size in reads)
-            steps[batch] = generation.graph_step(graph, source.captured, (rows, *columns), unmasked)
+            steps[batch] = generation.graph_step(graphs, source.captured, (rows, *columns))
         return steps[batch](inputs, cache)
     return step
 

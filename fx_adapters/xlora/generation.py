@@ -27,7 +27,7 @@ import torch
 
 from ..graph import generation
 from ..graph.capture import CaptureError
-from ..graph.graph_module import boxed, copy_graph_module, read_from
+from ..graph.graph_module import copy_graph_module, read_from
 from ..graph.match import output_head
 from ..graph.passes import LastPositionLogits, run_passes
 from .passes import EXPERTS_ATTR
@@ -58,10 +58,11 @@ def check_forward_arguments(decode_scalings, kwargs: dict, where: str) -> None:
                            "decoding (it keeps both passes' caches), or leave use_cache out")
 
 
-def _xlora_graph(xm, fixed_scalings: bool) -> Callable[[generation.GenerationSource], torch.fx.GraphModule]:
+def _xlora_graph(xm, fixed_scalings: bool) -> Callable[[generation.GenerationSource], generation.StepGraphs]:
     """Builds the step graph with both passes (or, ``fixed_scalings``, the real pass reading given scalings), the
-    output head on the last position only (``passes.LastPositionLogits``) unless experts adapt it."""
-    def build(source: generation.GenerationSource) -> torch.fx.GraphModule:
+    output head on the last position only (``passes.LastPositionLogits``) unless experts adapt it, and its twin for
+    unpadded decode steps (``generation.unmasked_twin``)."""
+    def build(source: generation.GenerationSource) -> generation.StepGraphs:
         captured = source.captured
         targets = [t.name for t in xm.targets]
         gm = apply_xlora(copy_graph_module(captured.step), source.model, xm.classifier,
@@ -70,7 +71,7 @@ def _xlora_graph(xm, fixed_scalings: bool) -> Callable[[generation.GenerationSou
         head = output_head(source.model)
         if head not in targets:  # the classifier reads the head's input whole; experts on the head would too
             run_passes(gm, [LastPositionLogits(head, generation.module_types(source.model))])
-        return boxed(read_from(gm, xm.graph_module))
+        return generation.StepGraphs.of(read_from(gm, xm.graph_module), xm.graph_module, source.model)
     return build
 
 
@@ -93,7 +94,7 @@ def _token_step(xm, both, captured, extra: tuple) -> generation.Step:
     def step(inputs: tuple, cache: list) -> tuple[torch.Tensor, tuple]:
         so_far = cache[2 * n] if cache else None
         past = generation.past_or_empty(cache[:2 * n], captured, inputs, caches=2)
-        logits, *out = generation.call_boxed(both, cache, inputs, past, extra)
+        logits, *out = generation.call_boxed(both.for_inputs(inputs), cache, inputs, past, extra)
         scalings = out[n] if so_far is None else torch.cat([so_far, out[n]], dim=1)
         xm.record_scalings(scalings)
         return logits, (*out[:n], *out[n + 1:], scalings, scalings)
@@ -109,11 +110,11 @@ def _prompt_step(xm, both, one_pass, captured, extra: tuple) -> generation.Step:
     def step(inputs: tuple, cache: list) -> tuple[torch.Tensor, tuple]:
         if cache:
             fixed, so_far = cache[n], cache[n + 2]
-            logits, *real = generation.call_boxed(one_pass, cache, inputs, cache[:n], fixed, extra)
+            logits, *real = generation.call_boxed(one_pass.for_inputs(inputs), cache, inputs, cache[:n], fixed, extra)
             scalings = torch.cat([so_far, fixed], dim=1)
         else:
             past = generation.past_or_empty([], captured, inputs, caches=2)
-            logits, *out = generation.call_boxed(both, cache, inputs, past, extra)
+            logits, *out = generation.call_boxed(both.for_inputs(inputs), cache, inputs, past, extra)
             real, fixed, scalings = out[:n], out[n][:, -1:], out[n]
         xm.record_scalings(scalings)
         return logits, (*real, fixed, fixed, scalings, scalings)
