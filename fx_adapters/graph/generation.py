@@ -1,14 +1,16 @@
 """Token generation with KV caches for compiled modules, method-agnostic: transformers' own ``generate`` over the
 captured cached graphs.
 
-The model a module was compiled from is captured once more, with its KV cache as graph inputs and outputs
-(``capture_cache.py``): one step graph, run on the prompt with an empty past and on each new token. Each method
+The model a module was compiled from is captured with its KV cache as graph inputs and outputs (``capture_cache.py``):
+one step graph, run on the prompt with an empty past and on each new token. Compiling a causal LM captures it (the
+forward is derived from it: ``forward_from_step.py``); otherwise the first ``generate`` does. Each method
 rewrites it like the module's own graph (``road/generation.py``, ``xlora/generation.py``), reading the module's
 tensors, so it follows ``.to()``, ``load_state_dict``, merges and new adapters, and provides a *step* function over
 it: ``step(inputs, cache) -> (logits, cache)`` over flat tensors. The step graphs are ``boxed``: they take one list
 of inputs and empty it, and ``cache`` is a list the step empties (``[]`` for the prompt), so each past tensor is
 freed once the graph has extended it, as the model frees its own (``call_boxed``). ``generate``'s step graphs run
-the output head on the last position only (``last_logits_step``), as transformers has the model do.
+the output head on the last position only (``last_logits_step``), as transformers has the model do, and a decode step
+of unpadded rows runs a twin whose attention reads no mask (``StepGraphs``), as transformers skips the mask then.
 
 ``generate`` runs transformers' ``GenerationMixin.generate`` on ``StepLM``, a thin model whose ``forward`` calls the
 step and keeps the flat cache in a ``DynamicCache`` (two tensors per layer; a method may keep more, e.g. X-LoRA's two
@@ -114,7 +116,7 @@ class GenerationSource:
     @outside_inference_mode
     def graphs(self, name: str, key, build: Callable[[GenerationSource], object]):
         """What ``build(self)`` returns (graphs rewritten from ``self.captured``), cached under ``name`` while ``key``
-        holds; the step graph is captured on first use."""
+        holds; the step graph is captured on first use unless compile captured it."""
         if self.captured is None:
             self.captured = capture_with_cache(self.model)
         built_key, built = self.built.get(name, (None, None))
@@ -128,8 +130,8 @@ _ATTACH = "call fx_adapters.graph.generation.attach(module, model) with that mod
 
 
 def attach(module: nn.Module, model: nn.Module, captured: CacheGraphs | None = None) -> None:
-    """Remember ``model`` (structurally copied) as the model ``module`` was compiled from, for ``generate``, with its
-    step graph when compiling ``captured`` it (``forward_from_step.capture_model``)."""
+    """Remember ``model`` (structurally copied) as the model ``module`` was compiled from, for ``generate``, and
+    ``captured``, its step graph if compiling captured it (``forward_from_step.capture_model``)."""
     if is_causal_lm(model):
         module._fxa_generation = GenerationSource(owned_copy(model).eval())
         module._fxa_generation.captured = captured
