@@ -78,9 +78,9 @@ class GenerationSource:
     changes). ``problem`` says why there is no model. Deep copies share the model;
     pickles drop it (transformers models may hold unpicklable hooks)."""
 
-    def __init__(self, model: nn.Module | None, problem: str | None = None):
+    def __init__(self, model: nn.Module | None, problem: str | None = None, captured: CacheGraphs | None = None):
         self.model, self.problem = model, problem
-        self.captured: CacheGraphs | None = None
+        self.captured = captured  # None until captured (at compile, or at the first generate)
         self.last_logits: torch.fx.GraphModule | None = None
         self.built: dict[str, tuple] = {}  # name -> (key, what build returned)
         self.moved: dict[tuple[torch.dtype, torch.device], GenerationSource] = {}
@@ -99,9 +99,8 @@ class GenerationSource:
         return GenerationSource, (None, f"it was unpickled, which drops the model it was compiled from; {_ATTACH}")
 
     def __deepcopy__(self, memo):
-        new = GenerationSource(self.model, self.problem)
-        # read-only templates (built graphs would read the original module)
-        new.captured, new.last_logits = self.captured, self.last_logits
+        new = GenerationSource(self.model, self.problem, self.captured)
+        new.last_logits = self.last_logits  # read-only templates (built graphs would read the original module)
         return new
 
     def last_logits_step(self) -> torch.fx.GraphModule:
@@ -133,8 +132,7 @@ def attach(module: nn.Module, model: nn.Module, captured: CacheGraphs | None = N
     """Remember ``model`` (structurally copied) as the model ``module`` was compiled from, for ``generate``, and
     ``captured``, its step graph if compiling captured it (``forward_from_step.capture_model``)."""
     if is_causal_lm(model):
-        module._fxa_generation = GenerationSource(owned_copy(model).eval())
-        module._fxa_generation.captured = captured
+        module._fxa_generation = GenerationSource(owned_copy(model).eval(), captured=captured)
     else:
         module._fxa_generation = GenerationSource(None, f"it was compiled from a {type(model).__name__}, not a "
                                                         "transformers "
